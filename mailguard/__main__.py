@@ -1,0 +1,5 @@
+import sys
+
+from mailguard.check import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""``twistd mailguard``: options, and the one place the global reactor is
+imported."""
+
+from __future__ import annotations
+
+import re
+
+from twisted.python import usage
+
+from mailguard import config as config_mod
+from mailguard.problems import ConfigError, errors
+from mailguard.service import DEFAULTS, build_service
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "mailguard: an SMTP server that keeps spam out at the door. It reads a "
+        "Kerio-style mailserver.cfg (with no --config, an embedded example), "
+        "delays its greeting to shake off spambots, answers VRFY only for "
+        "trusted gateways and relays only for trusted IP groups and "
+        "authenticated users. ENDPOINT is a Twisted endpoint description, "
+        "e.g. tcp:25, tcp:2525:interface=127.0.0.1, haproxy:tcp:25, "
+        "ssl:465:privateKey=key.pem:certKey=cert.pem."
+    )
+    optParameters = [
+        ["config", "c", None, "Kerio-style mailserver.cfg (default: the embedded example configuration)."],
+        ["users", "u", None, "Kerio-style users.cfg (default: users.cfg beside --config, if present)."],
+        ["smtp", None, DEFAULTS["smtp"], "ENDPOINT of the plain MX listener; the greeting delay applies here."],
+        ["smtps", None, None, "ENDPOINT of the implicit-TLS listener (never delayed). Default: off."],
+        ["submission", None, None, "ENDPOINT of the submission listener: AUTH before MAIL, never delayed. Default: off."],
+        ["tls-cert", None, None, "PEM certificate (and chain) for STARTTLS and --smtps."],
+        ["tls-key", None, None, "PEM private key for --tls-cert."],
+        ["spool", None, DEFAULTS["spool"], "Directory for Maildirs, the relay queue and the security log."],
+        ["security-log", None, None, "Security log file (default: SPOOL/security.log)."],
+        ["relay-host", None, None, "HOST:PORT of the smart host / back-end that relayed and gateway mail goes to."],
+    ]
+
+    def postOptions(self) -> None:
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["smtps"] and not self["tls-cert"] and not self["smtps"].startswith("ssl:"):
+            raise usage.UsageError("--smtps needs --tls-cert/--tls-key (or an ssl: endpoint)")
+        if self["relay-host"] and not re.fullmatch(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", self["relay-host"]):
+            raise usage.UsageError(f"--relay-host must be HOST:PORT, got {self['relay-host']!r}")
+        for name in ("smtp", "smtps", "submission"):
+            if self[name] and ":" not in self[name]:
+                raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")
+        try:
+            self.config = config_mod.load(self["config"], self["users"])
+        except ConfigError as e:
+            raise usage.UsageError("configuration errors:\n" + "\n".join(str(p) for p in errors(e.problems)))
+        if self["tls-cert"]:
+            from mailguard.tls import TLSConfigError, load_context
+
+            try:
+                load_context(self["tls-cert"], self["tls-key"])
+            except TLSConfigError as e:
+                raise usage.UsageError(str(e))
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    return build_service(options.config, dict(options), reactor)
