@@ -392,10 +392,11 @@ _DISPLAY_NAME_BAD = frozenset("<>\\")
 def parse_vrfy_argument(text: str | bytes) -> str | None:
     """The user a VRFY argument names, or None when empty or malformed.
 
-    Accepted forms: ``user``, ``user@domain``, ``<user@domain>``, ``<user>``,
-    ``Full Name <user@domain>``, ``"Full Name" <user@domain>``.  Surrounding
-    whitespace is ignored; otherwise the address itself follows the rules of
-    L{parse_path} (so a bare form holds no whitespace).  Returns ``user`` or
+    Accepted forms: ``user``, ``"user name"`` (RFC 5321's own ``VRFY
+    String``), ``user@domain``, ``<user@domain>``, ``<user>``, ``Full Name
+    <user@domain>``, ``"Full Name" <user@domain>``.  Surrounding whitespace
+    is ignored; otherwise the address itself follows the rules of
+    L{parse_path} (so a bare ``user@domain`` holds no whitespace).  Returns ``user`` or
     ``user@domain`` with the domain in lower case and the local part quoted
     only where it must be.  Never raises for bad input.
     """
@@ -418,7 +419,7 @@ def parse_vrfy_argument(text: str | bytes) -> str | None:
             bracketed = True
         else:
             bracketed = False
-            if " " in s or "\t" in s:
+            if (" " in s or "\t" in s) and not _is_one_quoted_string(s):
                 return None
         if not s:
             return None
@@ -431,3 +432,13 @@ def parse_vrfy_argument(text: str | bytes) -> str | None:
         return None
     assert mailbox is not None
     return mailbox.address
+
+
+def _is_one_quoted_string(s: str) -> bool:
+    if not s.startswith('"'):
+        return False
+    try:
+        _, end = _scan_quoted(s, 0, BAD_ADDRESS_SYNTAX)
+    except AddressError:
+        return False
+    return end == len(s)

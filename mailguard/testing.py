@@ -16,7 +16,7 @@ from zope.interface import implementer
 from mailguard.directory import Lookup, LookupStatus, normalise_domain, split_address
 from mailguard.interfaces import IUserDirectory
 
-__all__ = ["FakeUserDirectory"]
+__all__ = ["FakeUserDirectory", "connect", "make_context"]
 
 
 # --- IUserDirectory -------------------------------------------------------
@@ -93,3 +93,65 @@ class FakeUserDirectory:
 
     def users(self) -> Iterator[str]:
         return iter(self._accounts)
+
+
+# --- a whole server context, for protocol tests ------------------------------
+
+
+def make_context(config=None, *, clock=None, spool=None, **overrides):
+    """A L{mailguard.factory.ServerContext} with the real policies built from
+    C{config} (default: the embedded example), a C{task.Clock}, a Maildir
+    store under C{spool} whose disk work runs inline, and an unthreaded
+    security log.  C{overrides} replace any context field (a fake policy,
+    say).  Protocol tests drive a L{MailguardESMTP} with it over a
+    C{StringTransport}; see L{connect}.
+    """
+    import os
+    import tempfile
+
+    from twisted.internet.task import Clock
+
+    from mailguard import config as config_mod
+    from mailguard.delivery import MaildirStore, run_inline
+    from mailguard.factory import ServerContext
+    from mailguard.greeting import GreetingPolicy
+    from mailguard.passwords import PasswordChecker
+    from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
+    from mailguard.seclog import SecurityLog
+
+    config = config if config is not None else config_mod.load(None)
+    clock = clock if clock is not None else Clock()
+    spool = spool if spool is not None else tempfile.mkdtemp(prefix="mailguard-test-")
+    trust = TrustPolicy(config.ip_groups, config.relay_ip_group_enabled,
+                        config.relay_ip_group, config.relay_auth_enabled)
+    fields = dict(
+        config=config,
+        clock=clock,
+        greeting=GreetingPolicy.from_config(config, clock),
+        recipients=RecipientPolicy(config.directory, trust),
+        vrfy=VrfyPolicy(config.vrfy_enabled, config.directory, trust),
+        trust=trust,
+        store=MaildirStore(spool, run_inline),
+        security_log=SecurityLog(os.path.join(spool, "security.log"), clock, threaded=False),
+        passwords=PasswordChecker(config.users, config.directory),
+    )
+    fields.update(overrides)
+    return ServerContext(**fields)
+
+
+def connect(context, client_ip="127.0.0.3", client_port=40000, listener="smtp"):
+    """A protocol connected to a C{StringTransport} from C{client_ip}:
+    returns C{(protocol, transport)}.  C{transport.value()} holds what the
+    server wrote; C{transport.clear()} forgets it."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+    from twisted.internet.testing import StringTransport
+
+    from mailguard.factory import MailguardFactory
+
+    factory = MailguardFactory(context, listener)
+    address_type = IPv6Address if ":" in client_ip else IPv4Address
+    transport = StringTransport(peerAddress=address_type("TCP", client_ip, client_port),
+                                hostAddress=address_type("TCP", client_ip, 25))
+    proto = factory.buildProtocol(transport.getPeer())
+    proto.makeConnection(transport)
+    return proto, transport
