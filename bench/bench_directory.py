@@ -63,11 +63,20 @@ def records(n: int):
     aliases = []
     for j in range(max(n // 1000, 1)):
         d = f"d{j % DOMAINS:03d}.example"
-        # every fourth alias points at the previous one: chains of length 4
-        target = (f"list{j - 1:05d}@d{(j - 1) % DOMAINS:03d}.example"
-                  if j % 4 else f"user{(j * 7919) % n:07d}@d{((j * 7919) % n) % DOMAINS:03d}.example")
-        aliases.append(AliasRecord(f"list{j:05d}", d, (target, "outside@remote.example"),
-                                   Where("mailserver.cfg", 1000 + j)))
+        # chains of four: each alias but every fourth points at the previous
+        if j % 4:
+            target = f"list{j - 1:05d}@d{(j - 1) % DOMAINS:03d}.example"
+        else:
+            u = (j * 7919) % n
+            target = f"user{u:07d}@d{u % DOMAINS:03d}.example"
+        aliases.append(
+            AliasRecord(
+                f"list{j:05d}",
+                d,
+                (target, "outside@remote.example"),
+                Where("mailserver.cfg", 1000 + j),
+            )
+        )
     return domains, users, aliases
 
 

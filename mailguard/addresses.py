@@ -293,8 +293,8 @@ def parse_path(text: str | bytes, *, allow_null: bool,
 def _split_path(rest: str, reply: Reply) -> tuple[str, str]:
     """Split C{rest} into the path and what follows it."""
     if not rest.startswith("<"):
-        path, _, tail = rest.partition(" ")
-        return path, (" " + tail if _ else "")
+        path, sep, tail = rest.partition(" ")
+        return path, sep + tail
     i, n = 1, len(rest)
     while i < n:
         c = rest[i]

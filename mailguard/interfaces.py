@@ -37,6 +37,9 @@ class IUserDirectory(Interface):
             KNOWN, UNKNOWN, DISABLED, NOT_LOCAL.
         """
 
+    def domains():
+        """The primary local domain names (a tuple of str)."""
+
     def __len__():
         """Number of user accounts."""
 
@@ -50,6 +53,9 @@ class IPasswordChecker(Interface):
 
     def plaintext_password(username):
         """The plain-text password of C{username} or None (for CRAM-MD5)."""
+
+    def canonical(username):
+        """The canonical "user@domain" of an enabled user C{username}, or None."""
 
     def has_plaintext_passwords():
         """True if any enabled user has a plain-text password."""

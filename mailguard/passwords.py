@@ -214,6 +214,13 @@ class PasswordChecker:
             ok = usable and verify_password(stored, password)
         return canonical if ok else None
 
+    def canonical(self, username: str) -> str | None:
+        """The canonical address of the enabled account C{username} names
+        (as L{check_password} resolves it), or None.  For CRAM-MD5, which
+        checks the password itself with L{plaintext_password}."""
+        canonical, stored = self._find(username)
+        return None if stored is _DISABLED else canonical
+
     def plaintext_password(self, username: str) -> str | None:
         _, stored = self._find(username)
         if isinstance(stored, str) and password_form(stored) == "plain":

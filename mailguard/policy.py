@@ -4,7 +4,8 @@ The protocol gathers facts about a connection into a L{Session} and asks
 the objects here; they answer with values (a L{RecipientVerdict}, a
 L{mailguard.replies.Reply}).  Nothing here touches a reactor or a socket.
 Deferreds appear only at the L{IRecipientPolicy}/L{IVrfyPolicy} boundary
-(already fired, via ``defer.succeed``), so that a gateway back-end that
+(already fired, via ``defer.maybeDeferred``: a result, or a failure the
+protocol answers with ``451 4.3.0``), so that a gateway back-end that
 really does wait (VRFY over the network) fits the same seam.
 
 Decisions taken here (the README repeats them for administrators):
@@ -26,6 +27,12 @@ Decisions taken here (the README repeats them for administrators):
   mailbox only (never forwarded); elsewhere they are refused as relaying.
   In a gateway domain they are refused (``550 5.1.1``): the back-end must
   never see them.
+- **Order for RCPT**: address literal; hidden destination; a domain the
+  gateway (if any) handles, decided by the gateway; a local domain, decided
+  by the directory (KNOWN ``250 2.1.5``, UNKNOWN ``550 5.1.1``, DISABLED
+  ``550 5.2.1``; a KNOWN address with neither mailbox nor forward is
+  refused as unknown rather than accepted and lost); any other domain:
+  relayed for a trusted client, ``554 5.7.1`` for anyone else.
 - **Address literals** are never local (``user@[127.0.0.1]`` is not "us").
   A trusted client may relay to one, except to loopback, unspecified,
   link-local, multicast or reserved addresses, which nobody may use.
@@ -290,10 +297,10 @@ class RecipientPolicy:
             raise ValueError(f"directory lookup status {status!r}")
 
         if self.trust.is_trusted(session):
-            return _relay(address, f"relay for a trusted client ({self.trust_reason(session)})")
+            return _relay(address, f"relay for a trusted client ({self._trust_reason(session)})")
         return _refuse(replies.RELAY_DENIED, "relay denied: domain not local, client not trusted", address)
 
-    def trust_reason(self, session: Session) -> str:
+    def _trust_reason(self, session: Session) -> str:
         why = getattr(self.trust, "why_trusted", None)
         return (why(session) if why else None) or "trusted"
 
@@ -346,7 +353,7 @@ class VrfyPolicy:
         target = parse_vrfy_argument(argument)
         if target is None:
             return replies.SYNTAX_ERROR
-        if not self.trust.is_trusted(session) and False:
+        if not self.trust.is_trusted(session):
             return replies.VRFY_WITHHELD
         try:
             mailbox = parse_path(f"<{target}>", allow_null=False)

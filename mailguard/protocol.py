@@ -23,6 +23,7 @@ import base64
 import binascii
 import hmac
 import re
+import secrets
 import time
 from dataclasses import replace
 
@@ -42,7 +43,12 @@ HELD, COMMAND, DATA, AUTH_WAIT, CLOSED = "HELD", "COMMAND", "DATA", "AUTH", "CLO
 COMMAND_LINE_MAX = 512  # RFC 5321 4.5.3.1.4, CRLF included
 AUTH_LINE_MAX = 12288  # RFC 4954 section 4
 TEXT_LINE_MAX = 1000  # RFC 5321 4.5.3.1.6, CRLF included
+# Checked on unstuffed data: the dot added for transparency does not count
+# (RFC 5321 4.5.3.1.6), so a 998-octet line whose stuffed form is 999 passes.
 _LONG_TEXT_LINE = re.compile(rb"[^\r\n]{%d}" % (TEXT_LINE_MAX - 1))
+_AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
+JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN before each counts as an error (Postfix smtpd_junk_command_limit)
+AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts; the last one closes the session
 _EMPTY = b""
 
 
@@ -60,6 +66,9 @@ class MailguardESMTP(smtp.ESMTP):
     _idle = None
     _session_timer = None
     _helo_done = False
+    _esmtp = False  # the client said EHLO (not HELO): "ESMTP" in Received
+    _junk = 0
+    _rcpt_attempts = 0
     _mail_from = None
     _mail_params: dict = {}
     _recipients: list = []
@@ -212,7 +221,7 @@ class MailguardESMTP(smtp.ESMTP):
                 if not self._data_chunk():
                     return
                 continue
-            limit = AUTH_LINE_MAX if self.mode == AUTH_WAIT else COMMAND_LINE_MAX
+            limit = self._line_limit()
             i = self._buffer.find(b"\n")
             if i < 0:
                 if len(self._buffer) > limit:
@@ -220,21 +229,35 @@ class MailguardESMTP(smtp.ESMTP):
                     self._buffer = _EMPTY
                     if not self._discard_line:
                         self._discard_line = True
-                        self._error(R.LINE_TOO_LONG)
+                        self._line_too_long()
                 return
             line, self._buffer = self._buffer[:i], self._buffer[i + 1:]
             if self._discard_line:
                 self._discard_line = False
                 continue
             if len(line) + 1 > limit:
-                self._error(R.LINE_TOO_LONG)
+                self._line_too_long()
                 continue
             if line.endswith(b"\r"):
                 line = line[:-1]
             if self.mode == AUTH_WAIT:
-                self._auth_response(line)
+                self._auth_line(line)
             else:
                 self._command(line)
+
+    def _line_limit(self) -> int:
+        """512 octets for a command line (RFC 5321 4.5.3.1.4); 12288 for an
+        AUTH command or response (RFC 4954 4: an initial response makes
+        the AUTH line longer)."""
+        if self.mode == AUTH_WAIT or _AUTH_PREFIX.match(self._buffer):
+            return AUTH_LINE_MAX
+        return COMMAND_LINE_MAX
+
+    def _line_too_long(self) -> None:
+        if self.mode == AUTH_WAIT:  # RFC 4954 4: the exchange is cancelled
+            self.mode = COMMAND
+            self._auth_state = None
+        self._error(R.LINE_TOO_LONG)
 
     def _wait(self, d: defer.Deferred) -> None:
         """Stop reading input until C{d} has fired (pipelining order)."""
@@ -274,21 +297,41 @@ class MailguardESMTP(smtp.ESMTP):
             return
         try:
             handler(arg)
-        except Exception:
-            log.failure("error handling {verb}", verb=name)
-            self._send(R.LOCAL_ERROR)
+        except Exception as e:
+            if name == "AUTH":
+                # The traceback or the exception text may quote credentials.
+                self._auth_internal_error(e)
+            else:
+                log.failure("error handling {verb}", verb=name)
+                self._send(R.LOCAL_ERROR)
 
     # -- session commands ----------------------------------------------------------
     def _reset_transaction(self) -> None:
         self._mail_from = None
         self._mail_params = {}
         self._recipients = []
+        self._rcpt_attempts = 0
+
+    def _junk_command(self) -> bool:
+        """NOOP, RSET, HELP, EXPN: free up to L{JUNK_COMMAND_LIMIT} per
+        session, then each counts as an error.  True if that closed the
+        session."""
+        self._junk += 1
+        if self._junk <= JUNK_COMMAND_LIMIT:
+            return False
+        self._errors += 1
+        if self._errors > self.factory.context.config.max_errors:
+            self._close_with(R.TOO_MANY_ERRORS)
+            return True
+        return False
 
     def smtp_HELO(self, arg: str) -> None:
+        """RFC 5321 HELO: the hostname only, never the extensions."""
         if not arg:
             return self._error(R.SYNTAX_ERROR.with_text("HELO requires a domain"))
         self._reset_transaction()
         self._helo_done = True
+        self._esmtp = False
         self.session = replace(self.session, helo=arg.split()[0])
         self._send(R.HELO_OK.with_text(self.factory.context.hostname))
 
@@ -297,6 +340,7 @@ class MailguardESMTP(smtp.ESMTP):
             return self._error(R.SYNTAX_ERROR.with_text("EHLO requires a domain"))
         self._reset_transaction()
         self._helo_done = True
+        self._esmtp = True
         self.session = replace(self.session, helo=arg.split()[0])
         ctx = self.factory.context
         self._send(R.HELO_OK.with_text(ctx.hostname), tuple(self.ehlo_extensions()))
@@ -322,9 +366,12 @@ class MailguardESMTP(smtp.ESMTP):
         return ext
 
     def smtp_NOOP(self, arg: str) -> None:
-        self._send(R.NOOP_OK)
+        if not self._junk_command():
+            self._send(R.NOOP_OK)
 
     def smtp_RSET(self, arg: str) -> None:
+        if self._junk_command():
+            return
         self._reset_transaction()
         self._send(R.RESET_OK)
 
@@ -335,10 +382,27 @@ class MailguardESMTP(smtp.ESMTP):
         self.transport.loseConnection()
 
     def smtp_HELP(self, arg: str) -> None:
-        self._send(R.HELP)
+        """214: the commands this session can use now (not a fixed list:
+        STARTTLS, AUTH, VRFY and ETRN only where they work)."""
+        if not self._junk_command():
+            self._send(R.HELP.with_text("Commands: " + " ".join(self.help_commands())))
+
+    def help_commands(self) -> list[str]:
+        ctx = self.factory.context
+        names = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"]
+        if ctx.config.vrfy_enabled:
+            names.append("VRFY")
+        if ctx.tls is not None and not self._tls_active:
+            names.append("STARTTLS")
+        if self.auth_mechanisms() and not self.session.authenticated:
+            names.append("AUTH")
+        if ctx.queue is not None:
+            names.append("ETRN")
+        return names
 
     def smtp_EXPN(self, arg: str) -> None:
-        self._send(R.EXPN_DISABLED)
+        if not self._junk_command():
+            self._send(R.EXPN_DISABLED)
 
     def smtp_VRFY(self, arg: str) -> None:
         ctx = self.factory.context
@@ -382,7 +446,7 @@ class MailguardESMTP(smtp.ESMTP):
             if key == "SIZE":
                 if value is None or not value.isdigit():
                     return R.SYNTAX_ERROR.with_text("SIZE requires a number")
-                if int(value) > ctx.config.max_message_size:
+                if 0 < ctx.config.max_message_size < int(value):  # RFC 1870: SIZE 0 is no limit
                     return R.MESSAGE_TOO_BIG
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -400,7 +464,7 @@ class MailguardESMTP(smtp.ESMTP):
         if self._mail_from is None:
             return self._error(R.NEED_MAIL)
         try:
-            mailbox, params = parse_rcpt_to(arg)
+            mailbox, params = parse_rcpt_to(arg, postmaster_domain=self._postmaster_domain())
         except AddressError as e:
             return self._error(e.reply)
         for key in params:
@@ -408,6 +472,7 @@ class MailguardESMTP(smtp.ESMTP):
                 return self._error(R.BAD_PARAMETER.with_text(f"Unsupported RCPT parameter {key}"))
         if len(self._recipients) >= ctx.config.max_recipients:
             return self._send(R.TOO_MANY_RECIPIENTS)
+        self._rcpt_attempts += 1
         d = defer.maybeDeferred(ctx.recipients.check_recipient, self.session, mailbox)
 
         def decided(verdict):
@@ -422,19 +487,26 @@ class MailguardESMTP(smtp.ESMTP):
         d.addErrback(self._internal_error, "RCPT")
         self._wait(d)
 
+    def _postmaster_domain(self) -> str | None:
+        """RFC 5321 4.5.1: RCPT TO:<Postmaster> means our postmaster."""
+        domains = self.factory.context.config.domains
+        return domains[0].name if domains else None
+
     def smtp_DATA(self, arg: str) -> None:
         ctx = self.factory.context
+        if arg:
+            return self._error(R.SYNTAX_ERROR)
         if self._mail_from is None:
             return self._error(R.NEED_MAIL)
         if not self._recipients:
-            return self._error(R.NEED_RCPT)
+            # RFC 2920 3.1: after pipelined RCPTs that all failed, 554.
+            return self._error(R.NO_VALID_RECIPIENTS if self._rcpt_attempts else R.NEED_RCPT)
         mailboxes: list[str] = []
         relay: list[str] = []
         rcpt_params = {}
         for verdict, params in self._recipients:
             mailboxes.extend(verdict.mailboxes)
-            if verdict.relay:
-                relay.append(verdict.address)
+            relay.extend(verdict.relay_to)
             rcpt_params[verdict.address] = params
         envelope = Envelope(
             mail_from=self._mail_from,
@@ -463,11 +535,7 @@ class MailguardESMTP(smtp.ESMTP):
         """RFC 5321 4.4 trace header; RFC 3848 protocol types; no software
         name or version."""
         ctx = self.factory.context
-        proto = "ESMTP" if self._helo_is_ehlo() else "SMTP"
-        if self._tls_active:
-            proto += "S"
-        if self.session.authenticated:
-            proto += "A"
+        proto = self._protocol_type()
         rcpt = ""
         all_rcpts = envelope.mailboxes + envelope.relay_recipients
         if len(all_rcpts) == 1:
@@ -479,15 +547,28 @@ class MailguardESMTP(smtp.ESMTP):
                   f"{rcpt};\r\n\t{date}\r\n")
         return header.encode("utf-8", "replace")
 
-    def _helo_is_ehlo(self) -> bool:
-        return True
+    def _protocol_type(self) -> str:
+        """RFC 3848 / the IANA "Mail Transmission Types": SMTP after HELO,
+        ESMTP after EHLO, plus S for TLS and A for AUTH.  STARTTLS and AUTH
+        are SMTP service extensions, so a session using either is ESMTP
+        even if the client said HELO (there is no "SMTPS" type)."""
+        tls, auth = self._tls_active, bool(self.session.authenticated)
+        if not (self._esmtp or tls or auth):
+            return "SMTP"
+        return "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
 
     def _data_chunk(self) -> bool:
         """Consume DATA from the buffer.  False: need more input."""
         buf = self._buffer
         end = buf.rfind(b"\n")
         if end < 0:
-            if len(buf) >= TEXT_LINE_MAX:
+            # A partial line.  1000 octets without LF: too long, whatever
+            # follows (one more for a dot added for transparency).
+            stuffed = self._data_at_line_start and buf[:1] == b"."
+            if len(buf) >= TEXT_LINE_MAX + stuffed:
+                if b"\r" in buf[:-1]:  # bare CR, even in a line never stored
+                    self._bare_line_ending()
+                    return False
                 self._data_fail(R.DATA_LINE_TOO_LONG)
                 self._data_at_line_start = False
                 self._buffer = buf[-1:] if buf.endswith(b"\r") else _EMPTY
@@ -521,23 +602,21 @@ class MailguardESMTP(smtp.ESMTP):
             return
         crlf = block.count(b"\r\n")
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
-            # SMTP smuggling defence (Postfix smtpd_forbid_bare_newline):
-            # refuse and close, so nothing after it is read as commands.
-            self._abort_message()
-            self._close_with(R.BARE_LINE_ENDING)
+            self._bare_line_ending()
             return
+        at_line_start, self._data_at_line_start = self._data_at_line_start, block.endswith(b"\n")
         if self._data_failed is not None:
-            return
-        if _LONG_TEXT_LINE.search(block) is not None:
-            self._data_fail(R.DATA_LINE_TOO_LONG)
-            return
-        if self._data_at_line_start:
+            return  # keep reading to the final dot; the reply comes then
+        if at_line_start:
             data = (b"\n" + block).replace(b"\n.", b"\n")[1:]
         else:
             data = block.replace(b"\n.", b"\n")
-        self._data_at_line_start = block.endswith(b"\n")
+        if _LONG_TEXT_LINE.search(data) is not None:
+            self._data_fail(R.DATA_LINE_TOO_LONG)
+            return
         self._data_size += len(data)
-        if self._data_size > self.factory.context.config.max_message_size:
+        limit = self.factory.context.config.max_message_size
+        if 0 < limit < self._data_size:
             self._data_fail(R.MESSAGE_TOO_BIG)
             return
         try:
@@ -545,6 +624,14 @@ class MailguardESMTP(smtp.ESMTP):
         except OSError:
             log.failure("cannot write message")
             self._data_fail(R.STORAGE_ERROR)
+
+    def _bare_line_ending(self) -> None:
+        """SMTP smuggling defence (Postfix smtpd_forbid_bare_newline): a
+        bare CR or LF in DATA is refused and the session closed, so nothing
+        after it is ever read as commands or as the end of the message."""
+        log.info("bare CR/LF in DATA from {ip}: refused, closing", ip=self.session.client_ip)
+        self._abort_message()
+        self._close_with(R.BARE_LINE_ENDING)
 
     def _data_fail(self, reply: R.Reply) -> None:
         if self._data_failed is None:

@@ -79,7 +79,8 @@ class FakeUserDirectory:
         if primary is None:
             if has_at and domain:
                 return Lookup(LookupStatus.NOT_LOCAL, f"{local}@{domain}")
-            return Lookup(LookupStatus.UNKNOWN, f"{local.lower()}@{domain}" if has_at else local.lower())
+            normalised = f"{local.lower()}@{domain}" if has_at else local.lower()
+            return Lookup(LookupStatus.UNKNOWN, normalised)
         found = self._entries.get(f"{local.lower()}@{primary}")
         if found is None:
             return Lookup(LookupStatus.UNKNOWN, f"{local.lower()}@{domain}")

@@ -65,7 +65,7 @@ def test_make_sha_password_salt_length():
         (SECRET_SHA, b"secret", True),
         (SECRET_SHA, "Secret", False),
         (SECRET_SHA, "", False),
-        (SECRET_SHA.upper().replace("SHA:", "SHA:"), "secret", True),  # hex in any case
+        (SECRET_SHA.upper(), "secret", True),  # hex in any case
         (UNICODE_SHA, "pässwörd", True),
         (UNICODE_SHA, "passwort", False),
     ],
@@ -221,6 +221,20 @@ def test_plaintext_password(checker):
     assert checker.plaintext_password("john@example.com") is None  # SHA:
     assert checker.plaintext_password("old@example.com") is None  # disabled
     assert checker.plaintext_password("nobody@example.com") is None
+
+
+@pytest.mark.parametrize(
+    "username, expected",
+    [
+        ("MARY@example.net", "mary@example.com"),
+        ("bob", "bob@other.org"),
+        ("mary", None),  # ambiguous
+        ("old@example.com", None),  # disabled
+        ("nobody@example.com", None),
+    ],
+)
+def test_canonical(checker, username, expected):
+    assert checker.canonical(username) == expected
 
 
 def test_has_plaintext_passwords(checker):
