@@ -270,12 +270,14 @@ def main() -> None:
                   f"(RSS {r['before_kb']} -> {r['after_kb']} KB, opened in {r['open_s']:.1f} s)",
                   file=sys.stderr)
     floor = next((r["per_conn_kb"] for r in results if r["kind"] == "twisted"), None)
+    aio = next((r["per_conn_kb"] for r in results if r["kind"] == "aiosmtpd"), None)
     print(f"\n{args.connections} connections held idle; server RSS from /proc/PID/status\n")
-    print(f"{'server':<12} {'RSS before':>11} {'RSS held':>10} {'KB/conn':>8} {'vs plain Twisted':>17}")
+    print(f"{'server':<12} {'RSS before':>11} {'RSS held':>10} {'KB/conn':>8} {'vs plain Twisted':>17} {'vs aiosmtpd':>12}")
     for r in results:
         ratio = f"{r['per_conn_kb'] / floor:.2f}x" if floor else "-"
+        ratio_aio = f"{r['per_conn_kb'] / aio:.2f}x" if aio else "-"
         print(f"{r['kind']:<12} {r['before_kb'] / 1024:>8.1f} MB {r['after_kb'] / 1024:>7.1f} MB "
-              f"{r['per_conn_kb']:>8.2f} {ratio:>17}")
+              f"{r['per_conn_kb']:>8.2f} {ratio:>17} {ratio_aio:>12}")
     for r in results:
         if r["kind"] == "mailguard":
             print(f"\nmailguard, SmtpGreetingDelay={args.delay:g}: banner on a held connection "

@@ -20,6 +20,7 @@ from importlib import resources
 from typing import Any, Callable
 
 from mailguard import kerioxml
+from mailguard.gateway import parse_backend, parse_bind_address, parse_connections, parse_domain_list, parse_timeout
 from mailguard.kerioxml import Collection, Document, Row
 from mailguard.problems import ConfigError, Problem, Where, errors
 from mailguard.records import AliasRecord, DomainRecord, IpGroupRow, UserRecord
@@ -106,6 +107,24 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("SmtpMaxErrors", "max_errors", parse_uint, False),
     Scalar("SmtpVrfyLimit", "vrfy_limit", parse_uint, False),
     Scalar("SecurityLogMaxBytes", "security_log_max_bytes", parse_uint, False),
+    # gateway mode (mailguard.gateway; docs/gateway.md)
+    Scalar("GatewayEnabled", "gateway_enabled", parse_bool, False),
+    Scalar("GatewayDomains", "gateway_domains", parse_domain_list, False),
+    Scalar("GatewayBackend", "gateway_backend", parse_backend, False),
+    Scalar("GatewayBindAddress", "gateway_bind_address", parse_bind_address, False),
+    Scalar("GatewayConnections", "gateway_connections", parse_connections, False),
+    Scalar("GatewayTimeout", "gateway_timeout", parse_timeout, False),
+    Scalar("GatewayIdleTimeout", "gateway_idle_timeout", parse_seconds, False),
+    Scalar("GatewayCachePositiveTtl", "gateway_positive_ttl", parse_seconds, False),
+    Scalar("GatewayCacheNegativeTtl", "gateway_negative_ttl", parse_seconds, False),
+    Scalar("GatewayCacheSize", "gateway_cache_size", parse_uint, False),
+    # relay queue (mailguard.queue; docs/delivery.md)
+    Scalar("QueueLifetime", "queue_lifetime", parse_seconds, False),
+    Scalar("QueueRetryMin", "queue_retry_min", parse_seconds, False),
+    Scalar("QueueRetryMax", "queue_retry_max", parse_seconds, False),
+    Scalar("QueueConcurrency", "queue_concurrency", parse_uint, False),
+    Scalar("RelayHostTlsVerify", "relay_tls_verify", parse_bool, False),
+    Scalar("RelayHostTlsCaFile", "relay_tls_ca_file", parse_text, False),
 )
 
 
@@ -135,6 +154,22 @@ class Configuration:
     max_errors: int = 20
     vrfy_limit: int = 20
     security_log_max_bytes: int = 10 * 1024 * 1024
+    gateway_enabled: bool = False
+    gateway_domains: tuple[str, ...] = ()  # empty: every Domain (and alias)
+    gateway_backend: tuple[str, int] | None = None  # None: --relay-host
+    gateway_bind_address: str = ""
+    gateway_connections: int = 4
+    gateway_timeout: float = 10.0
+    gateway_idle_timeout: float = 60.0
+    gateway_positive_ttl: float = 3600.0
+    gateway_negative_ttl: float = 300.0
+    gateway_cache_size: int = 100000
+    queue_lifetime: float = 432000.0  # 5 days
+    queue_retry_min: float = 300.0
+    queue_retry_max: float = 14400.0
+    queue_concurrency: int = 10
+    relay_tls_verify: bool = False
+    relay_tls_ca_file: str = ""
     domains: tuple[DomainRecord, ...] = ()
     ip_group_rows: tuple[IpGroupRow, ...] = ()
     users: tuple[UserRecord, ...] = ()

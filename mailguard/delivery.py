@@ -1,28 +1,50 @@
 """Durable acceptance: a ``250`` after the final dot means the message is on
 disk, fsynced, in every destination.
 
-A message is written once, as it arrives, to ``SPOOL/incoming/``.  At the
-final dot it is fsynced, then hard-linked into the ``new/`` directory of each
-recipient's Maildir (and, for relayed recipients, into the relay queue by
-``mailguard.queue``).  A link appears atomically and complete, so no reader
-ever sees half a message, and one copy on disk serves every local recipient.
-The ``new/`` directories are fsynced before the ``250`` is sent; only then is
-the incoming file unlinked.  After a crash, ``incoming/`` holds only messages
-that never got their ``250``; ``MaildirStore.recover()`` removes them.
+How a message is stored (``docs/delivery.md`` explains it for
+administrators):
+
+1. It is written once, as it arrives, to ``SPOOL/incoming/<id>`` (opened
+   ``O_EXCL``; nothing else ever reads that directory).
+2. At the final dot the file is fsynced, then hard-linked into the ``new/``
+   directory of each local recipient's Maildir and, for relayed recipients,
+   into the relay queue (``mailguard.queue``: ``SPOOL/queue/active/<id>.eml``
+   beside its envelope ``<id>.env``).  A link appears atomically and
+   complete: no reader ever sees half a message, and one inode serves every
+   destination (Maildir files are never modified in place, so sharing is
+   safe; a user who deletes their copy removes only their link).  This is
+   the Maildir protocol's "write in ``tmp/``, then move into ``new/``"
+   with the temporary directory shared by all Maildirs.
+3. The directories that received a link are fsynced -- *group commit*:
+   concurrent messages share a directory fsync, but each waits for one that
+   *started after its own link* (see L{DirSyncer}).  Only then is the
+   ``250`` sent.
+4. The incoming name is unlinked as soon as the links exist; after a crash
+   ``incoming/`` holds only messages that never got their ``250``, and
+   L{MaildirStore.recover} removes them at start-up.
+
+A message is stored once whatever the number of recipients; an alias that
+names the same mailbox twice still gives one copy.
+
+Blocking disk work runs in a thread pool (``run``); tests pass
+L{run_inline} and everything happens at once, in order.
 
 Layout::
 
-    SPOOL/incoming/<id>                 being received
+    SPOOL/incoming/<id>                       being received
     SPOOL/mail/<domain>/<user>/Maildir/{tmp,new,cur}/
+    SPOOL/queue/active/<id>.eml, <id>.env     the relay queue
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -61,12 +83,9 @@ def maildir_path(spool: str, mailbox: str) -> str:
     safe = lambda s: s.replace("/", "_").replace("\0", "_") or "_"  # noqa: E731
     if local in (".", ".."):
         local = "_" + local
+    if domain in (".", ".."):
+        domain = "_" + domain
     return os.path.join(spool, "mail", safe(domain), safe(local), "Maildir")
-
-
-def ensure_maildir(path: str) -> None:
-    for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(path, sub), exist_ok=True)
 
 
 def fsync_dir(path: str) -> None:
@@ -77,19 +96,128 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def run_in_thread(reactor):
-    """A runner that moves blocking disk work off the reactor thread."""
+def makedirs_durable(path: str) -> bool:
+    """``os.makedirs(path, exist_ok=True)``, and fsync the parent of every
+    directory it creates, so that a directory a ``250`` depends on cannot
+    vanish in a crash.  True if anything was created."""
+    path = os.path.abspath(path)
+    missing = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    created = False
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+            created = True
+        except FileExistsError:
+            pass
+        fsync_dir(os.path.dirname(d))
+    return created
+
+
+def ensure_maildir(path: str) -> None:
+    """Create a Maildir (``tmp``, ``new``, ``cur``) durably."""
+    for sub in ("tmp", "new", "cur"):
+        makedirs_durable(os.path.join(path, sub))
+
+
+def run_in_thread(reactor, pool=None):
+    """A runner that moves blocking disk work off the reactor thread (into
+    C{pool}, by default the reactor's)."""
     from twisted.internet.threads import deferToThreadPool
 
     def run(f, *args):
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+        return deferToThreadPool(reactor, pool if pool is not None else reactor.getThreadPool(), f, *args)
 
     return run
+
+
+def disk_runner(reactor, threads: int = 32):
+    """A runner with its own thread pool for fsync work, started with the
+    reactor and stopped at shutdown.  fsync calls mostly wait: with 20
+    sessions committing at once, 10 threads (the reactor pool's default,
+    shared with PBKDF2) would queue them; more threads let the file system
+    merge their journal commits."""
+    from twisted.python.threadpool import ThreadPool
+
+    pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailguard-disk")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    return run_in_thread(reactor, pool)
 
 
 def run_inline(f, *args):
     """A runner for tests: the blocking work runs at once."""
     return defer.maybeDeferred(f, *args)
+
+
+class DirSyncer:
+    """Group commit of directory fsyncs, driven from the reactor thread.
+
+    ``sync(path)`` is called after the caller's link/rename into C{path} has
+    completed.  It returns a Deferred that fires once an fsync of C{path}
+    that *started after that call* has finished.  If no fsync of C{path} is
+    running, one starts now; if one is running, the caller joins the next
+    one, which starts as soon as the running one ends and serves everyone
+    who asked meanwhile.  So N concurrent messages cost about two directory
+    fsyncs, not N, and no message's ``250`` rests on an fsync that may have
+    missed its link.
+    """
+
+    def __init__(self, run: Callable) -> None:
+        self.run = run
+        self._waiting: dict[str, list[defer.Deferred]] = {}
+        self._running: set[str] = set()
+        self.requests = 0  # statistics, for tests and benchmarks
+        self.fsyncs = 0
+
+    def sync(self, path: str) -> defer.Deferred:
+        self.requests += 1
+        d = defer.Deferred()
+        self._waiting.setdefault(path, []).append(d)
+        if path not in self._running:
+            self._start(path)
+        return d
+
+    def sync_all(self, paths) -> defer.Deferred:
+        ds = [self.sync(p) for p in sorted(set(paths))]
+        if not ds:
+            return defer.succeed(None)
+        return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+
+    def _start(self, path: str) -> None:
+        waiters = self._waiting.pop(path)
+        self._running.add(path)
+        self.fsyncs += 1
+        d = self.run(fsync_dir, path)
+
+        def done(result):
+            self._running.discard(path)
+            for w in waiters:
+                if isinstance(result, defer.Failure):
+                    w.errback(result)
+                else:
+                    w.callback(None)
+            if path in self._waiting and path not in self._running:
+                self._start(path)
+
+        d.addBoth(done)
+
+
+@dataclass
+class Committed:
+    """What the commit thread hands back to the reactor."""
+
+    message_id: str
+    dirs: set = field(default_factory=set)  # directories to fsync
+    links: list = field(default_factory=list)  # created names (undo on failure)
+    entry: object = None  # a mailguard.queue.QueueEntry, or None
+    notices: list = field(default_factory=list)  # (Envelope, bytes): DSNs to inject
 
 
 @implementer(IIncomingMessage)
@@ -110,7 +238,7 @@ class IncomingMessage:
 
     def commit(self):
         fd, self.fd = self.fd, None
-        return self.store.run(self.store.commit_file, fd, self.path, self.envelope)
+        return self.store.commit(fd, self.path, self.envelope)
 
     def abort(self) -> None:
         if self.fd is not None:
@@ -124,13 +252,26 @@ class IncomingMessage:
 
 @implementer(IMessageStore)
 class MaildirStore:
+    """Maildirs for local mailboxes; the relay queue for the rest.
+
+    @param run: runs blocking disk work (L{run_in_thread}, L{disk_runner}
+        or, in tests, L{run_inline}).
+    @param queue: a L{mailguard.queue.RelayQueue}; the store attaches
+        itself to it (bounces are stored through the store).
+    """
+
     def __init__(self, spool: str, run=run_inline, queue=None) -> None:
         self.spool = spool
         self.run = run
         self.queue = queue
         self.incoming = os.path.join(spool, "incoming")
-        os.makedirs(self.incoming, exist_ok=True)
+        makedirs_durable(self.incoming)
+        makedirs_durable(os.path.join(spool, "mail"))
         self._known_maildirs: set[str] = set()
+        self._mkdir_lock = threading.Lock()
+        self.syncer = DirSyncer(run)
+        if queue is not None:
+            queue.attach(self)
 
     def recover(self) -> int:
         """Remove messages that never got their 250 (left by a crash)."""
@@ -146,27 +287,111 @@ class MaildirStore:
     def begin(self, envelope: Envelope) -> IncomingMessage:
         return IncomingMessage(self, envelope)
 
-    def commit_file(self, fd: int, path: str, envelope: Envelope) -> str:
-        """Runs in a thread: make the message durable everywhere it goes."""
+    # -- committing ------------------------------------------------------------------
+    def commit(self, fd: int, path: str, envelope: Envelope) -> defer.Deferred:
+        """Make a received message durable everywhere it goes; the Deferred
+        fires with its id once it is (file and directories fsynced)."""
+        d = self.run(self.commit_file, fd, path, envelope)
+        return self._finish(d)
+
+    def inject(self, envelope: Envelope, produce: Callable[[], bytes]) -> defer.Deferred:
+        """Store a message mailguard writes itself (a DSN): C{produce()},
+        called in a thread, returns its bytes (CRLF lines).  Stored exactly
+        like a received message."""
+        d = self.run(self._inject_file, envelope, produce)
+        return self._finish(d)
+
+    def _inject_file(self, envelope: Envelope, produce) -> Committed:
+        data = produce()
+        path = os.path.join(self.incoming, envelope.message_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return self.commit_file(fd, path, envelope)
+
+    def _finish(self, d: defer.Deferred) -> defer.Deferred:
+        def synced(committed: Committed):
+            s = self.syncer.sync_all(committed.dirs)
+            s.addCallback(lambda _: committed)
+            s.addErrback(self._undo, committed)
+            return s
+
+        def durable(committed: Committed):
+            if committed.entry is not None:
+                self.queue.enqueued(committed.entry)
+            for env, data in committed.notices:
+                self.inject(env, lambda data=data: data).addErrback(
+                    lambda f: log.failure("cannot store a delivery notification", f))
+            return committed.message_id
+
+        d.addCallback(synced)
+        d.addCallback(durable)
+        return d
+
+    def _undo(self, failure, committed: Committed):
+        """A directory fsync failed: the client gets a 4xx, so take the
+        links back (best effort) rather than deliver a message twice."""
+        def undo():
+            for p in committed.links:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        self.run(undo)
+        return failure
+
+    def _maildir(self, mailbox: str) -> str:
+        md = maildir_path(self.spool, mailbox)
+        if md not in self._known_maildirs:
+            # Creation (with its parent fsyncs) is serialised, so no thread
+            # links into a Maildir whose directory entry is not yet durable.
+            with self._mkdir_lock:
+                if md not in self._known_maildirs:
+                    ensure_maildir(md)
+                    self._known_maildirs.add(md)
+        return md
+
+    def commit_file(self, fd: int, path: str, envelope: Envelope) -> Committed:
+        """Runs in a thread: fsync the file, link it everywhere it goes.  The
+        caller fsyncs the returned directories before the 250."""
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dirs = set()
         name = envelope.message_id
-        for mailbox in dict.fromkeys(envelope.mailboxes):
-            md = maildir_path(self.spool, mailbox)
-            if md not in self._known_maildirs:
-                ensure_maildir(md)
-                self._known_maildirs.add(md)
-            new = os.path.join(md, "new")
-            os.link(path, os.path.join(new, name))
-            dirs.add(new)
-        if envelope.relay_recipients:
-            if self.queue is None:
-                raise RuntimeError("relay recipients but no relay queue")
-            dirs.update(self.queue.store(path, envelope))
-        for d in dirs:
-            fsync_dir(d)
-        os.unlink(path)
-        return name
+        done = Committed(name)
+        try:
+            for md in dict.fromkeys(self._maildir(m) for m in envelope.mailboxes):
+                new = os.path.join(md, "new")
+                target = os.path.join(new, name)
+                os.link(path, target)
+                done.links.append(target)
+                done.dirs.add(new)
+            if envelope.relay_recipients:
+                if self.queue is None:
+                    raise RuntimeError("relay recipients but no relay queue")
+                entry, links, dirs = self.queue.add_file(path, envelope)
+                done.entry = entry
+                done.links += links
+                done.dirs.update(dirs)
+            if self.queue is not None and envelope.mail_from:
+                done.notices = self.queue.local_notices(path, envelope)
+        except BaseException:
+            for p in done.links:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            raise
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return done

@@ -25,7 +25,21 @@ from mailguard.protocol import MailguardESMTP
 
 class Connections:
     """Counts open sessions, in total and per client IP; refuses past the
-    configured limits (``421 4.7.0``)."""
+    configured limits with ``421 4.7.0`` (``SmtpMaxConnections``,
+    ``SmtpMaxConnectionsPerIp``; 0 is no limit).
+
+    The total limit applies to everyone: it protects the process (file
+    descriptors, memory).  The per-IP limit does not apply to trusted
+    clients (the relay IP group) nor to the ``SmtpGreetingDelayExceptions``
+    group, as Postfix exempts ``$mynetworks`` from its per-client limits:
+    a gateway or a NATed office legitimately opens many connections.  The
+    exemption is looked up only when the limit would refuse, so the common
+    path costs a counter increment.
+
+    ``stopping`` is set when the reactor begins to shut down, so that the
+    connections it then closes are not mistaken for clients that gave up
+    waiting for the greeting.
+    """
 
     def __init__(self, max_total: int, max_per_ip: int) -> None:
         self.max_total = max_total
@@ -33,29 +47,50 @@ class Connections:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
         self.sessions: set = set()
+        self.stopping = False
+        self._watching = False
 
     def open(self, proto) -> R.Reply | None:
+        if not self._watching:
+            self._watch(proto.factory.context.clock)
         ip = proto.session.client_ip
         if self.max_total and self.total >= self.max_total:
             return R.TOO_MANY_CONNECTIONS
-        if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip:
+        if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip and not self._exempt(proto):
             return R.TOO_MANY_FROM_IP
         self.total += 1
         self.per_ip[ip] += 1
         self.sessions.add(proto)
-        proto._counted = True
         return None
 
     def close(self, proto) -> None:
-        if not getattr(proto, "_counted", False):
+        if proto not in self.sessions:
             return
-        proto._counted = False
         self.sessions.discard(proto)
         self.total -= 1
         ip = proto.session.client_ip
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+
+    def stop(self) -> None:
+        """The server is shutting down (a reactor "before shutdown" trigger)."""
+        self.stopping = True
+
+    def _watch(self, clock) -> None:
+        self._watching = True
+        add_trigger = getattr(clock, "addSystemEventTrigger", None)  # not on task.Clock
+        if add_trigger is not None:
+            add_trigger("before", "shutdown", self.stop)
+
+    @staticmethod
+    def _exempt(proto) -> bool:
+        ctx = proto.factory.context
+        session = proto.session
+        group = ctx.config.greeting_delay_exceptions
+        if group and ctx.config.ip_groups is not None and ctx.config.ip_groups.contains(group, session.client_ip):
+            return True
+        return bool(ctx.trust.is_trusted(session))
 
 
 def _run_inline(f, *args):

@@ -48,7 +48,10 @@ TEXT_LINE_MAX = 1000  # RFC 5321 4.5.3.1.6, CRLF included
 _LONG_TEXT_LINE = re.compile(rb"[^\r\n]{%d}" % (TEXT_LINE_MAX - 1))
 _AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
 JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN before each counts as an error (Postfix smtpd_junk_command_limit)
-AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts; the last one closes the session
+# Failed AUTH attempts per session: the n-th is answered after n seconds,
+# the last closes the session.  Not 3: smtplib and mail clients try every
+# advertised mechanism with one wrong password before giving up.
+AUTH_FAILURE_LIMIT = 5
 _EMPTY = b""
 
 
@@ -63,6 +66,7 @@ class MailguardESMTP(smtp.ESMTP):
     _held_since = 0.0
     _buffer = _EMPTY
     _busy = False
+    _waits = 0  # Deferreds being waited for; _busy while non-zero
     _idle = None
     _session_timer = None
     _helo_done = False
@@ -109,7 +113,8 @@ class MailguardESMTP(smtp.ESMTP):
             listener=self.factory.listener,
             tls=self.factory.listener == "smtps",
         )
-        self._tls_active = self.session.tls
+        if self.session.tls:  # else the class default: no dict entry while held
+            self._tls_active = True
         refusal = ctx.connections.open(self)
         if refusal is not None:
             self.mode = CLOSED
@@ -118,6 +123,10 @@ class MailguardESMTP(smtp.ESMTP):
             return
         decision = ctx.greeting.decide(self.session)
         if decision.delay > 0:
+            # Held (Kerio's spam repellent): one delayed call, nothing is
+            # read into a session; any byte before it fires is an early
+            # talker.  The teaser sends the first line of a multi-line 220
+            # now, so a bot that reacts to it talks before the last line.
             self._held_since = ctx.clock.seconds()
             if decision.teaser:
                 self.transport.write(b"220-" + self.host + b" ESMTP\r\n")
@@ -126,8 +135,10 @@ class MailguardESMTP(smtp.ESMTP):
             self._greet()
 
     def _release(self) -> None:
+        """The client waited out the delay: greet it."""
         self._hold = None
-        self._greet()
+        if self.mode == HELD:
+            self._greet()
 
     def _greet(self) -> None:
         ctx = self.factory.context
@@ -166,10 +177,12 @@ class MailguardESMTP(smtp.ESMTP):
     def connectionLost(self, reason=None) -> None:
         ctx = self.factory.context
         if self._hold is not None:
+            # Closed while held: the client gave up waiting -- unless the
+            # server itself is shutting down and closing everything.
             if self._hold.active():
                 self._hold.cancel()
             self._hold = None
-            if self.mode == HELD and ctx.config.greeting_delay_log:
+            if self.mode == HELD and ctx.config.greeting_delay_log and not ctx.connections.stopping:
                 ctx.security_log.record("gave-up", self.session.client_ip, self.session.client_port,
                                         ctx.clock.seconds() - self._held_since, b"")
         for name in ("_idle", "_session_timer", "_auth_delay"):
@@ -260,10 +273,17 @@ class MailguardESMTP(smtp.ESMTP):
         self._error(R.LINE_TOO_LONG)
 
     def _wait(self, d: defer.Deferred) -> None:
-        """Stop reading input until C{d} has fired (pipelining order)."""
+        """Stop reading input until C{d} has fired (pipelining order).
+
+        Waits nest (an AUTH check whose callback starts the failure
+        delay): input resumes only when every one has fired."""
+        self._waits += 1
         self._busy = True
 
         def done(_):
+            self._waits -= 1
+            if self._waits:
+                return
             self._busy = False
             # A Deferred that fired at once returns to the running loop;
             # only a later one restarts it (no recursion per command).
@@ -453,8 +473,12 @@ class MailguardESMTP(smtp.ESMTP):
                     return R.BAD_PARAMETER.with_text("BODY must be 7BIT or 8BITMIME")
             elif key == "AUTH":  # RFC 4954 5: accepted, the value is not trusted
                 pass
-            elif key in ("RET", "ENVID") and ctx.dsn:
-                pass
+            elif key in ("RET", "ENVID") and ctx.dsn:  # RFC 3461; kept in the envelope
+                from mailguard.dsn import check_mail_parameter
+
+                why = check_mail_parameter(key, value)
+                if why is not None:
+                    return R.SYNTAX_ERROR.with_text(why)
             else:
                 return R.BAD_PARAMETER.with_text(f"Unsupported MAIL parameter {key}")
         return None
@@ -467,9 +491,14 @@ class MailguardESMTP(smtp.ESMTP):
             mailbox, params = parse_rcpt_to(arg, postmaster_domain=self._postmaster_domain())
         except AddressError as e:
             return self._error(e.reply)
-        for key in params:
+        for key, value in params.items():
             if not (ctx.dsn and key in ("NOTIFY", "ORCPT")):
                 return self._error(R.BAD_PARAMETER.with_text(f"Unsupported RCPT parameter {key}"))
+            from mailguard.dsn import check_rcpt_parameter  # RFC 3461; kept per recipient
+
+            why = check_rcpt_parameter(key, value)
+            if why is not None:
+                return self._error(R.SYNTAX_ERROR.with_text(why))
         if len(self._recipients) >= ctx.config.max_recipients:
             return self._send(R.TOO_MANY_RECIPIENTS)
         self._rcpt_attempts += 1
@@ -590,6 +619,8 @@ class MailguardESMTP(smtp.ESMTP):
         self._buffer = rest
         if block:
             self._data_block(block)
+            if self.mode == CLOSED:  # a smuggling attempt closed the session
+                return False
         if finished:
             self._data_end()
             return True
@@ -661,10 +692,11 @@ class MailguardESMTP(smtp.ESMTP):
             log.info("accepted {id} from <{sender}> ({ip}) to {rcpts}", id=envelope.message_id,
                      sender=envelope.mail_from, ip=envelope.client_ip,
                      rcpts=list(envelope.mailboxes + envelope.relay_recipients))
+            # The store has handed relayed recipients to the queue, which
+            # tries them at once (no kick: that would end every deferred
+            # entry's back-off too).
             if self.mode != CLOSED:
                 self._send(R.MESSAGE_ACCEPTED.with_text(f"Ok: queued as {envelope.message_id.split('.')[1]}"))
-            if ctx.queue is not None and envelope.relay_recipients:
-                ctx.queue.kick()
 
         def failed(failure):
             log.failure("cannot store message {id}", failure, id=envelope.message_id)
@@ -697,6 +729,8 @@ class MailguardESMTP(smtp.ESMTP):
         # RFC 3207 4.2: forget everything learnt before TLS; EHLO again.
         self._reset_transaction()
         self._helo_done = False
+        self._esmtp = False
+        self._auth_state = None
         self.session = replace(self.session, tls=True, helo=None, authenticated=None)
 
     # -- AUTH ------------------------------------------------------------------------
@@ -720,11 +754,15 @@ class MailguardESMTP(smtp.ESMTP):
             return self._error(R.BAD_SEQUENCE)
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
+        if not mech:
+            return self._error(R.SYNTAX_ERROR)
         if mech in ("PLAIN", "LOGIN") and not self._tls_active:
             return self._error(R.AUTH_NEEDS_TLS)
         if mech not in self.auth_mechanisms():
             return self._error(R.AUTH_MECHANISM_UNKNOWN)
         initial = initial.strip()
+        if initial == "=":  # RFC 4954 4: an initial response of zero length
+            return self._auth_malformed()
         if mech == "PLAIN":
             if initial:
                 return self._auth_plain(initial.encode("ascii", "replace"))
@@ -741,7 +779,8 @@ class MailguardESMTP(smtp.ESMTP):
                 self._challenge(b"Username:")
         elif mech == "CRAM-MD5":
             ctx = self.factory.context
-            nonce = f"<{id(self)}.{ctx.clock.seconds():.6f}@{ctx.hostname}>".encode("ascii")
+            # RFC 2195: unique and unpredictable, in msg-id form.
+            nonce = f"<{secrets.token_hex(12)}.{int(ctx.clock.seconds())}@{ctx.hostname}>".encode("ascii")
             self._auth_state = ("CRAM-MD5", nonce)
             self._challenge(nonce)
 
@@ -760,6 +799,21 @@ class MailguardESMTP(smtp.ESMTP):
         self.mode = COMMAND
         self._auth_state = None
         self._error(R.SYNTAX_ERROR.with_text("Invalid base64 data"))
+
+    def _auth_line(self, line: bytes) -> None:
+        try:
+            self._auth_response(line)
+        except Exception as e:
+            self._auth_internal_error(e)
+
+    def _auth_internal_error(self, e: BaseException) -> None:
+        """Log the type only: the exception text or traceback could quote
+        credentials.  Answer 454 4.7.0 (RFC 4954 6)."""
+        log.error("internal error in AUTH: {exc}", exc=type(e).__name__)
+        self._auth_state = None
+        if self.mode != CLOSED:
+            self.mode = COMMAND
+            self._send(R.AUTH_TEMPORARY)
 
     def _auth_response(self, line: bytes) -> None:
         state, self._auth_state = self._auth_state, None
@@ -802,22 +856,30 @@ class MailguardESMTP(smtp.ESMTP):
             return self._auth_result(None)
         # PBKDF2 is slow on purpose: keep it off the reactor thread.
         d = ctx.run_blocking(ctx.passwords.check_password, u, p)
-        d.addCallback(self._auth_result)
-        d.addErrback(self._internal_error, "AUTH")
+        self._auth_finish(d)
+
+    def _auth_finish(self, d: defer.Deferred) -> None:
+        d.addCallbacks(self._auth_result, lambda f: self._auth_internal_error(f.value))
         self._wait(d)
 
     def _auth_cram(self, nonce: bytes, user: bytes, digest: bytes) -> None:
+        """RFC 2195.  The HMAC is checked here; the canonical name then
+        comes from C{check_password} with the plain-text secret (any
+        IPasswordChecker has it), which also makes a CRAM-MD5 attempt cost
+        what a PLAIN one does, known user or not."""
         ctx = self.factory.context
         try:
             name = user.decode("utf-8")
         except UnicodeDecodeError:
             return self._auth_result(None)
         secret = ctx.passwords.plaintext_password(name)
-        if secret is None:
-            return self._auth_result(None)
-        expected = hmac.new(secret.encode("utf-8"), nonce, "md5").hexdigest().encode("ascii")
-        ok = hmac.compare_digest(expected, digest.lower())
-        self._auth_result(ctx.passwords.canonical(name) if ok else None)
+        ok = False
+        if secret is not None:
+            expected = hmac.new(secret.encode("utf-8"), nonce, "md5").hexdigest().encode("ascii")
+            ok = hmac.compare_digest(expected, digest.lower())
+        d = ctx.run_blocking(ctx.passwords.check_password, name, secret if ok else "")
+        d.addCallback(lambda who: who if ok else None)
+        self._auth_finish(d)
 
     def _auth_result(self, who) -> None:
         ctx = self.factory.context
@@ -827,8 +889,8 @@ class MailguardESMTP(smtp.ESMTP):
             return self._send(R.AUTH_OK)
         self._auth_failures += 1
         log.info("AUTH failed from {ip} ({n})", ip=self.session.client_ip, n=self._auth_failures)
-        if self._auth_failures >= 3:
-            return self._close_with(R.TOO_MANY_ERRORS)
+        if self._auth_failures >= AUTH_FAILURE_LIMIT:
+            return self._close_with(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
         # Slow down guessing: answer after 1 s, 2 s, ...
         d = defer.Deferred()
         call = ctx.clock.callLater(float(self._auth_failures), d.callback, None)
@@ -838,12 +900,33 @@ class MailguardESMTP(smtp.ESMTP):
 
     # -- ETRN ------------------------------------------------------------------------
     def smtp_ETRN(self, arg: str) -> None:
+        """RFC 1985: ``ETRN domain`` starts a queue run for that domain,
+        ``ETRN @domain`` for it and its subdomains, ``ETRN #queue`` for the
+        named queue (there is one: all of it).  After EHLO, outside a mail
+        transaction (as Postfix); anyone may ask, since a run only moves
+        the queue's next attempt forward."""
         ctx = self.factory.context
         if ctx.queue is None:
             return self._error(R.NOT_IMPLEMENTED)
-        if not arg:
-            return self._error(R.SYNTAX_ERROR)
-        ctx.queue.kick(arg.lstrip("@#").lower())
+        if not self._helo_done:
+            return self._error(R.NEED_EHLO)
+        if self._mail_from is not None:
+            return self._error(R.BAD_SEQUENCE)
+        target = arg.strip()
+        if target.startswith("#"):
+            if len(target) < 2 or " " in target:
+                return self._error(R.SYNTAX_ERROR)
+            domain = None
+        else:
+            from mailguard.config import parse_hostname
+
+            name = target[1:] if target.startswith("@") else target
+            try:
+                name = parse_hostname(name)
+            except ValueError:
+                return self._error(R.SYNTAX_ERROR)
+            domain = ("@" if target.startswith("@") else "") + name
+        ctx.queue.kick(domain)
         self._send(R.ETRN_STARTED)
 
 

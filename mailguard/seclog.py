@@ -1,15 +1,31 @@
 """The security log: one line per detected attack.
 
 Kerio writes recognised spam attacks to its Security log, and warns that a
-busy server can overflow it.  So this log is bounded: when the file passes
-C{max_bytes} it is rotated to ``FILE.1`` (one generation kept).  Lines are
-queued and written in batches from a thread, so a slow disk never stalls the
-reactor; a flood beyond C{max_pending} queued lines is counted and
-summarised instead of queued.
+busy server can overflow it.  So this log is bounded on disk and in memory:
 
-Line format (tab-separated, one event per line)::
+- **Rotation by size.**  Before a batch would take the file past
+  C{max_bytes} (``SecurityLogMaxBytes``, default 10 MiB), the file is
+  renamed to ``FILE.1`` (replacing the previous one) and a new file is
+  started: at most about 2 x C{max_bytes} on disk.  C{max_bytes=0} turns
+  rotation off (the file then grows without bound: leave it to logrotate).
+- **Never blocks the reactor.**  C{record} only formats a line and appends
+  it to a list; the lines are written in batches from the reactor's thread
+  pool (C{threaded=True}), one batch at a time.
+- **Bounded queue.**  Past C{max_pending} queued lines (a flood while the
+  disk is slow), further events are counted, not queued, and the next
+  batch ends with one ``dropped`` line giving the count.
+- **Nothing lost at a clean shutdown.**  With a real reactor, queued lines
+  are written before the reactor stops (a "before shutdown" trigger).
 
-    2026-11-27T14:03:05Z  early-talker  203.0.113.9  51234  waited=3.02  first=b'EHLO x\\r\\n'
+Line format: tab-separated, UTC, one event per line::
+
+    2026-11-27T14:03:05Z<TAB>early-talker<TAB>203.0.113.9<TAB>51234<TAB>waited=3.02<TAB>first=b'EHLO x\\r\\n'
+    2026-11-27T14:03:31Z<TAB>gave-up<TAB>198.51.100.7<TAB>40022<TAB>waited=12.50<TAB>first=b''
+    2026-11-27T14:04:00Z<TAB>dropped<TAB>-<TAB>-<TAB>count=1234
+
+``first`` is the Python C{repr} of the first 64 bytes the client sent:
+printable ASCII as is, quotes, backslashes, CR, LF, TAB and everything else
+escaped, so a line never contains a raw control character or a tab.
 """
 
 from __future__ import annotations
@@ -46,18 +62,36 @@ class SecurityLog:
         self._pending: list[str] = []
         self._dropped = 0
         self._flushing = False
+        self._waiters: list = []
         self.written = 0
+        add_trigger = getattr(reactor, "addSystemEventTrigger", None)
+        if threaded and add_trigger is not None:
+            add_trigger("before", "shutdown", self.flush)
 
     def record(self, event, host, port, waited, first_bytes=b"") -> None:
         if len(self._pending) >= self.max_pending:
             self._dropped += 1
         else:
             self._pending.append(format_line(self.reactor.seconds(), event, host, port, waited, first_bytes))
-        log.info("security: {event} from {host}:{port} after {waited:.2f}s",
-                 event=event, host=host, port=port, waited=waited)
+        # Not echoed to the twistd log: under attack that would be one line
+        # per bot in a log that is not bounded like this one.
         if not self._flushing:
             self._flushing = True
             self.reactor.callLater(0, self._flush)
+
+    def flush(self):
+        """A Deferred that fires once every queued line is written (the
+        reactor waits for it at shutdown)."""
+        from twisted.internet.defer import Deferred, succeed
+
+        if not self._pending and not self._dropped and not self._flushing:
+            return succeed(None)
+        d = Deferred()
+        self._waiters.append(d)
+        if not self._flushing:
+            self._flushing = True
+            self.reactor.callLater(0, self._flush)
+        return d
 
     def _take(self) -> list[str]:
         lines, self._pending = self._pending, []
@@ -70,7 +104,7 @@ class SecurityLog:
     def _flush(self):
         lines = self._take()
         if not lines:
-            self._flushing = False
+            self._done()
             return None
         if self.threaded:
             from twisted.internet.threads import deferToThreadPool
@@ -87,7 +121,13 @@ class SecurityLog:
     def _after_flush(self):
         if self._pending or self._dropped:
             return self._flush()
+        self._done()
+
+    def _done(self) -> None:
         self._flushing = False
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _write(self, lines: list[str]) -> None:
         data = "".join(lines).encode("utf-8", "replace")
@@ -95,7 +135,7 @@ class SecurityLog:
             size = os.path.getsize(self.path)
         except OSError:
             size = 0
-        if size and size + len(data) > self.max_bytes:
+        if self.max_bytes and size and size + len(data) > self.max_bytes:
             os.replace(self.path, self.path + ".1")
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

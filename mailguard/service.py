@@ -21,10 +21,12 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailguard.config import Configuration
-from mailguard.delivery import MaildirStore, run_in_thread
+from mailguard.delivery import MaildirStore, disk_runner, run_in_thread
 from mailguard.factory import MailguardFactory, ServerContext
+from mailguard.gateway import build_gateway, gateway_vrfy
 from mailguard.greeting import GreetingPolicy
 from mailguard.passwords import PasswordChecker
+from mailguard.queue import RelayQueue, client_tls, directory_router, parse_relay_host
 from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.seclog import SecurityLog
 from mailguard import tls as tls_mod
@@ -68,22 +70,52 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor) ->
         tls = tls_mod.load_context(opts["tls-cert"], opts["tls-key"])
     trust = TrustPolicy(config.ip_groups, config.relay_ip_group_enabled,
                         config.relay_ip_group, config.relay_auth_enabled)
-    store = MaildirStore(spool, run_in_thread(reactor))
+    gateway = build_gateway(config, opts, reactor)  # None unless GatewayEnabled=1
+    queue = build_queue(config, opts, reactor, spool, gateway)
+    store = MaildirStore(spool, queue.run, queue=queue)
     removed = store.recover()
     if removed:
         log.info("removed {n} partial message(s) left by a crash", n=removed)
+    removed = queue.recover()
+    if removed:
+        log.info("relay queue: removed {n} file(s) left by a crash", n=removed)
     return ServerContext(
         config=config,
         clock=reactor,
         greeting=GreetingPolicy.from_config(config, reactor),
-        recipients=RecipientPolicy(config.directory, trust),
-        vrfy=VrfyPolicy(config.vrfy_enabled, config.directory, trust),
+        recipients=RecipientPolicy(config.directory, trust, gateway=gateway),
+        vrfy=gateway_vrfy(VrfyPolicy(config.vrfy_enabled, config.directory, trust), gateway),
         trust=trust,
         store=store,
         security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes),
         passwords=PasswordChecker(config.users, config.directory),
         tls=tls,
+        queue=queue,
+        dsn=True,
         run_blocking=run_in_thread(reactor),
+    )
+
+
+def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: str,
+                gateway=None) -> RelayQueue:
+    """The relay queue (mailguard.queue) for --relay-host and the Queue*
+    settings; fsync work runs in its own thread pool."""
+    relay_host = parse_relay_host(opts.get("relay-host"))
+    tls = None
+    if relay_host is not None:
+        tls = client_tls(relay_host[0], config.relay_tls_verify, config.relay_tls_ca_file)
+    return RelayQueue(
+        spool, reactor,
+        run=disk_runner(reactor),
+        relay_host=relay_host,
+        hostname=config.hostname,
+        lifetime=config.queue_lifetime,
+        retry_min=config.queue_retry_min,
+        retry_max=config.queue_retry_max,
+        concurrency=config.queue_concurrency,
+        router=directory_router(config.directory, gateway),
+        tls=tls,
+        tls_required=config.relay_tls_verify,
     )
 
 
@@ -93,6 +125,10 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor) ->
     context = build_context(config, opts, reactor)
     top = service.MultiService()
     top.context = context  # for embedding applications and tests
+    context.queue.setServiceParent(top)
+    gateway = getattr(context.recipients, "gateway", None)
+    if gateway is not None:  # stopping says QUIT to the back-end
+        gateway.setServiceParent(top)
     for listener in ("smtp", "smtps", "submission"):
         desc = opts[listener]
         if not desc:

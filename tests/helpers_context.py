@@ -1,0 +1,204 @@
+"""Build a real ``ServerContext`` for protocol unit tests, and drive sessions
+over a ``StringTransport`` with a ``task.Clock``.
+
+Everything here is real (configuration loaded with ``mailguard.config.load``,
+the real policies, a ``MaildirStore`` in a temporary directory running its
+disk work inline) except the clock and the transport.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from zope.interface import implementer
+
+from mailguard import config as config_mod
+from mailguard.delivery import MaildirStore, run_inline
+from mailguard.factory import MailguardFactory, ServerContext
+from mailguard.greeting import GreetingPolicy
+from mailguard.passwords import PasswordChecker, make_sha_password
+from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
+from mailguard.seclog import SecurityLog
+
+# name, domain, password, enabled
+USERS = (
+    ("john", "example.com", "john-secret", True),
+    ("jane", "example.com", "jane-secret", True),
+    # Kerio's SHA: form of "sam-secret" (fixed salt, so the file is stable)
+    ("sam", "example.com", make_sha_password("sam-secret", bytes.fromhex("0011223344556677")), True),
+    ("former", "example.com", "former-secret", False),
+)
+
+
+def write_config(path: Path, variables: dict[str, str] | None = None, users=USERS) -> Path:
+    """example.com (alias example.net), the users above, the relay group
+    "Trusted" = 127.0.0.2, no greeting delay, VRFY on."""
+    variables = {
+        "InternetHostname": "mx.example.com",
+        "VRFYEnabled": "1",
+        "SmtpGreetingDelay": "0",
+        "RelayControlIpGroupEnabled": "1",
+        "RelayControlIpGroup": "Trusted",
+        **(variables or {}),
+    }
+    vars_xml = "\n".join(f'  <variable name="{k}">{v}</variable>' for k, v in variables.items())
+    users_xml = "\n".join(
+        f'    <listitem><variable name="Name">{n}</variable><variable name="Domain">{d}</variable>'
+        f'<variable name="Password">{p}</variable><variable name="Enabled">{int(e)}</variable></listitem>'
+        for n, d, p, e in users)
+    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<config>
+{vars_xml}
+  <list name="Domain">
+    <listitem><variable name="Domain">example.com</variable><variable name="Aliases">example.net</variable></listitem>
+  </list>
+  <list name="IpAddressGroup">
+    <listitem><variable name="Group">Trusted</variable><variable name="Address">127.0.0.2</variable><variable name="Enabled">1</variable></listitem>
+  </list>
+  <list name="User">
+{users_xml}
+  </list>
+  <list name="Alias">
+    <listitem><variable name="Name">sales</variable><variable name="Domain">example.com</variable><variable name="DeliverTo">john@example.com,jane@example.com</variable></listitem>
+  </list>
+</config>
+""")
+    return path
+
+
+def make_context(tmp_path: Path, variables: dict[str, str] | None = None, *, users=USERS,
+                 clock=None, tls=None, recipients=None, passwords=True, store=None) -> ServerContext:
+    """A ServerContext built the way ``mailguard.service`` builds it, on a
+    Clock and a Maildir store under C{tmp_path}."""
+    cfg = config_mod.load(str(write_config(tmp_path / "mailserver.cfg", variables, users)))
+    clock = clock if clock is not None else task.Clock()
+    trust = TrustPolicy(cfg.ip_groups, cfg.relay_ip_group_enabled, cfg.relay_ip_group, cfg.relay_auth_enabled)
+    return ServerContext(
+        config=cfg,
+        clock=clock,
+        greeting=GreetingPolicy.from_config(cfg, clock),
+        recipients=recipients if recipients is not None else RecipientPolicy(cfg.directory, trust),
+        vrfy=VrfyPolicy(cfg.vrfy_enabled, cfg.directory, trust),
+        trust=trust,
+        store=store if store is not None else MaildirStore(str(tmp_path / "spool"), run_inline),
+        security_log=SecurityLog(str(tmp_path / "security.log"), clock, threaded=False),
+        passwords=PasswordChecker(cfg.users, cfg.directory) if passwords else None,
+        tls=tls,
+        run_blocking=run_inline,
+    )
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that can "start TLS": it records the call and the
+    bytes written before it, so a test can tell plaintext from TLS."""
+
+    tls_context = None
+    before_tls = b""
+
+    def startTLS(self, contextFactory, normal=True):
+        self.before_tls = self.value()
+        self.clear()
+        self.tls_context = contextFactory
+
+
+class Session:
+    """One client session over a StringTransport."""
+
+    def __init__(self, ctx: ServerContext, listener: str = "smtp", ip: str = "127.0.0.3",
+                 port: int = 40000, transport_class=TLSStringTransport):
+        self.ctx = ctx
+        self.factory = MailguardFactory(ctx, listener)
+        addr = IPv4Address("TCP", ip, port)
+        self.transport = transport_class(peerAddress=addr)
+        self.proto = self.factory.buildProtocol(addr)
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes | str) -> bytes:
+        """Feed bytes; return (and clear) what the server wrote."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.proto.dataReceived(data)
+        return self.take()
+
+    def take(self) -> bytes:
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def cmd(self, line: str) -> bytes:
+        return self.send(line + "\r\n")
+
+    def codes(self, out: bytes) -> list[str]:
+        """The code (with enhanced code) of every final reply line in C{out}."""
+        return [" ".join(line.split(" ")[:2]) for line in out.decode().split("\r\n")
+                if line[:3].isdigit() and line[3:4] == " "]
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def lose(self) -> None:
+        self.proto.connectionLost(None)
+
+
+def connect(ctx: ServerContext, listener: str = "smtp", ip: str = "127.0.0.3", **kw) -> tuple[Session, bytes]:
+    """A session and its greeting."""
+    s = Session(ctx, listener, ip, **kw)
+    return s, s.take()
+
+
+def b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data).decode("ascii")
+
+
+def maildir_messages(ctx: ServerContext, mailbox: str) -> list[bytes]:
+    local, domain = mailbox.split("@")
+    new = Path(ctx.store.spool) / "mail" / domain / local / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+
+def body_of(message: bytes) -> bytes:
+    """The stored message without the Received header mailguard prepends."""
+    assert message.startswith(b"Received: ")
+    # The header ends with ";" CRLF TAB date CRLF (the body may itself
+    # start with whitespace, so folding cannot tell where it ends).
+    date = message.index(b";\r\n\t") + 4
+    return message[message.index(b"\r\n", date) + 2:]
+
+
+class LogCapture:
+    """Every twisted.logger event while active, raw and formatted."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    def __enter__(self):
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self)
+
+    def text(self) -> str:
+        """Everything an observer could write: formatted messages, every
+        field's repr, and any failure's traceback."""
+        out = []
+        for e in self.events:
+            out.append(formatEvent(e) or "")
+            out.append(repr(e))
+            f = e.get("log_failure")
+            if f is not None:
+                out.append(f.getTraceback())
+        return "\n".join(out)
