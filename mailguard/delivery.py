@@ -4,8 +4,10 @@ disk, fsynced, in every destination.
 How a message is stored (``docs/delivery.md`` explains it for
 administrators):
 
-1. It is written once, as it arrives, to ``SPOOL/incoming/<id>`` (opened
-   ``O_EXCL``; nothing else ever reads that directory).
+1. It is written once to ``SPOOL/incoming/<id>`` (opened ``O_EXCL``;
+   nothing else ever reads that directory): a message up to 512 KiB is
+   kept in memory while it arrives and written by the commit thread at the
+   final dot; a larger one is written as it arrives.
 2. At the final dot the file is fsynced, then hard-linked into the ``new/``
    directory of each local recipient's Maildir and, for relayed recipients,
    into the relay queue (``mailguard.queue``: ``SPOOL/queue/active/<id>.eml``
@@ -222,32 +224,58 @@ class Committed:
 
 @implementer(IIncomingMessage)
 class IncomingMessage:
+    """One message being received.
+
+    A message up to C{SPILL} bytes is kept in memory and written, fsynced
+    and linked in one go by the commit thread: the reactor thread does no
+    disk I/O for it (creating a file in a busy directory can wait on the
+    file system's journal while other messages' fsyncs run).  A larger one
+    goes to ``incoming/`` as it arrives, so memory stays bounded.
+    """
+
+    SPILL = 512 * 1024
+
     def __init__(self, store: "MaildirStore", envelope: Envelope) -> None:
         self.store = store
         self.envelope = envelope
         self.path = os.path.join(store.incoming, envelope.message_id)
-        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd: int | None = None
+        self._chunks: list[bytes] | None = []
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
         self.size += len(data)
+        if self._chunks is not None:
+            self._chunks.append(data)
+            if self.size <= self.SPILL:
+                return
+            data = b"".join(self._chunks)
+            self._chunks = None
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _write_all(self.fd, data)
 
     def commit(self):
+        if self._chunks is not None:
+            data, self._chunks = b"".join(self._chunks), None
+            return self.store.inject(self.envelope, lambda: data)
         fd, self.fd = self.fd, None
         return self.store.commit(fd, self.path, self.envelope)
 
     def abort(self) -> None:
+        self._chunks = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @implementer(IMessageStore)
@@ -295,8 +323,9 @@ class MaildirStore:
         return self._finish(d)
 
     def inject(self, envelope: Envelope, produce: Callable[[], bytes]) -> defer.Deferred:
-        """Store a message mailguard writes itself (a DSN): C{produce()},
-        called in a thread, returns its bytes (CRLF lines).  Stored exactly
+        """Store a whole message at once: C{produce()}, called in a thread,
+        returns its bytes (CRLF lines).  Used for received messages kept in
+        memory and for those mailguard writes itself (DSNs); stored exactly
         like a received message."""
         d = self.run(self._inject_file, envelope, produce)
         return self._finish(d)
@@ -306,9 +335,7 @@ class MaildirStore:
         path = os.path.join(self.incoming, envelope.message_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             os.unlink(path)

@@ -64,6 +64,7 @@ class MailguardESMTP(smtp.ESMTP):
     session: Session | None = None
     _hold = None
     _held_since = 0.0
+    _was_held = False
     _buffer = _EMPTY
     _busy = False
     _waits = 0  # Deferreds being waited for; _busy while non-zero
@@ -138,6 +139,7 @@ class MailguardESMTP(smtp.ESMTP):
         """The client waited out the delay: greet it."""
         self._hold = None
         if self.mode == HELD:
+            self._was_held = True
             self._greet()
 
     def _greet(self) -> None:
@@ -688,7 +690,8 @@ class MailguardESMTP(smtp.ESMTP):
 
         def stored(_):
             self._completed_transaction = True
-            ctx.greeting.passed(self.session)
+            if self._was_held:  # it waited out the delay (pass cache)
+                ctx.greeting.passed(self.session)
             log.info("accepted {id} from <{sender}> ({ip}) to {rcpts}", id=envelope.message_id,
                      sender=envelope.mail_from, ip=envelope.client_ip,
                      rcpts=list(envelope.mailboxes + envelope.relay_recipients))

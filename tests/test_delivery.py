@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -98,7 +100,8 @@ def test_one_copy_for_many_local_recipients(tmp_path):
 def test_recover_removes_unacknowledged_messages(tmp_path):
     store = MaildirStore(str(tmp_path))
     msg = store.begin(Envelope("a@b.test", ("john@example.com",)))
-    msg.write(b"half a mess")
+    msg.write(b"x" * (msg.SPILL + 1))  # a big message is written as it arrives
+    assert len(os.listdir(tmp_path / "incoming")) == 1
     assert MaildirStore(str(tmp_path)).recover() == 1
     assert os.listdir(tmp_path / "incoming") == []
 
@@ -168,10 +171,11 @@ def test_messages_are_private(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def test_abort_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("size", [10, 600 * 1024])
+def test_abort_leaves_nothing(tmp_path, size):
     store = MaildirStore(str(tmp_path))
     msg = store.begin(Envelope("a@b.test", ("john@example.com",)))
-    msg.write(BODY)
+    msg.write(b"x" * size)
     msg.abort()
     assert os.listdir(tmp_path / "incoming") == []
     assert not list((tmp_path / "mail").rglob("new/*"))
@@ -194,7 +198,7 @@ def test_the_250_waits_for_the_fsyncs_on_the_wire(tmp_path):
     transport.clear()
     proto.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
     assert transport.value() == b""
-    assert run.calls[0][0].__name__ == "commit_file"
+    assert run.calls[0][0].__name__ == "_inject_file"  # write, fsync, link
     run.step()
     assert transport.value() == b""  # file fsynced and linked: not yet
     assert run.calls[0][0].__name__ == "fsync_dir"
@@ -221,3 +225,19 @@ def test_a_failed_directory_fsync_is_a_4xx_and_takes_the_links_back(tmp_path):
         run.step()  # the undo
     assert transport.value().startswith(b"452 4.3.1")
     assert not list((tmp_path / "spool" / "mail").rglob("new/*"))
+
+
+@pytest.mark.parametrize("chunks", [[BODY], [b"a" * 400000, b"b" * 400000, b"c\r\n"]])
+def test_small_and_large_messages_are_stored_whole(tmp_path, chunks):
+    store = MaildirStore(str(tmp_path))
+    env = Envelope("a@b.test", ("john@example.com",))
+    msg = store.begin(env)
+    for c in chunks:
+        msg.write(c)
+    assert (os.listdir(tmp_path / "incoming") != []) == (sum(map(len, chunks)) > msg.SPILL)
+    ids = []
+    msg.commit().addCallback(ids.append)
+    assert ids == [env.message_id]
+    path = tmp_path / "mail" / "example.com" / "john" / "Maildir" / "new" / env.message_id
+    assert path.read_bytes() == b"".join(chunks)
+    assert os.listdir(tmp_path / "incoming") == []
