@@ -35,6 +35,14 @@ def summary(config: config_mod.Configuration) -> str:
     if config.relay_auth_enabled:
         rules.append("SMTP-authenticated users")
     lines.append("relay: " + (" and ".join(rules) if rules else "nobody") + "; all else to non-local domains refused")
+    if getattr(config, "gateway_enabled", False):
+        from mailguard.gateway import gateway_domains
+
+        backend = config.gateway_backend
+        where = f"{backend[0]}:{backend[1]}" if backend else "the --relay-host"
+        lines.append(f"gateway: recipients of {', '.join(gateway_domains(config))} verified with VRFY at {where}")
+    else:
+        lines.append("gateway: off (recipients checked against the local users)")
     lines.append(f"max message size: {config.max_message_size} bytes")
     return "\n".join(lines)
 

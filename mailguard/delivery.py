@@ -19,8 +19,9 @@ administrators):
    with the temporary directory shared by all Maildirs.
 3. The directories that received a link are fsynced -- *group commit*:
    concurrent messages share a directory fsync, but each waits for one that
-   *started after its own link* (see L{DirSyncer}).  Only then is the
-   ``250`` sent.
+   *started after its own link* (see L{DirSyncer}).  Steps 1 (for a
+   message kept in memory) to 3 are one task in the disk thread pool.
+   Only then is the ``250`` sent.
 4. The incoming name is unlinked as soon as the links exist; after a crash
    ``incoming/`` holds only messages that never got their ``250``, and
    L{MaildirStore.recover} removes them at start-up.
@@ -159,56 +160,77 @@ def run_inline(f, *args):
 
 
 class DirSyncer:
-    """Group commit of directory fsyncs, driven from the reactor thread.
+    """Group commit of directory fsyncs, for the threads that do disk work.
 
-    ``sync(path)`` is called after the caller's link/rename into C{path} has
-    completed.  It returns a Deferred that fires once an fsync of C{path}
-    that *started after that call* has finished.  If no fsync of C{path} is
-    running, one starts now; if one is running, the caller joins the next
-    one, which starts as soon as the running one ends and serves everyone
-    who asked meanwhile.  So N concurrent messages cost about two directory
-    fsyncs, not N, and no message's ``250`` rests on an fsync that may have
-    missed its link.
+    ``sync(path)`` is called by a thread after its link or rename into
+    C{path} has completed, and returns once an fsync of C{path} that
+    *started after that call* has finished (raising its error if it
+    failed).  If no fsync of C{path} is running, the caller runs one now;
+    if one is running, the caller waits for the next one, which the first
+    waiter starts as soon as the running one ends and which serves every
+    thread that asked meanwhile.  So N concurrent messages cost about two
+    directory fsyncs, not N, and no message's ``250`` rests on an fsync
+    that may have missed its link.
+
+    Each request takes a ticket under the lock; an fsync records the last
+    ticket issued before it started, and serves every ticket up to it.
     """
 
-    def __init__(self, run: Callable) -> None:
-        self.run = run
-        self._waiting: dict[str, list[defer.Deferred]] = {}
-        self._running: set[str] = set()
+    def __init__(self, fsync: Callable[[str], None] | None = None) -> None:
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._dirs: dict[str, _DirState] = {}
         self.requests = 0  # statistics, for tests and benchmarks
         self.fsyncs = 0
 
-    def sync(self, path: str) -> defer.Deferred:
-        self.requests += 1
-        d = defer.Deferred()
-        self._waiting.setdefault(path, []).append(d)
-        if path not in self._running:
-            self._start(path)
-        return d
-
-    def sync_all(self, paths) -> defer.Deferred:
-        ds = [self.sync(p) for p in sorted(set(paths))]
-        if not ds:
-            return defer.succeed(None)
-        return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
-
-    def _start(self, path: str) -> None:
-        waiters = self._waiting.pop(path)
-        self._running.add(path)
-        self.fsyncs += 1
-        d = self.run(fsync_dir, path)
-
-        def done(result):
-            self._running.discard(path)
-            for w in waiters:
-                if isinstance(result, defer.Failure):
-                    w.errback(result)
+    def sync(self, path: str) -> None:
+        fsync = self._fsync or fsync_dir
+        with self._lock:
+            st = self._dirs.get(path)
+            if st is None:
+                st = self._dirs[path] = _DirState(self._lock)
+            self.requests += 1
+            st.issued += 1
+            ticket = st.issued
+            while st.done < ticket:
+                if st.failed and st.failed[0] >= ticket:
+                    raise st.failed[1]
+                if st.running:
+                    st.cond.wait()
+                    continue
+                st.running = True
+                target = st.issued
+                self.fsyncs += 1
+                self._lock.release()
+                try:
+                    fsync(path)
+                except OSError as e:
+                    error = e
                 else:
-                    w.callback(None)
-            if path in self._waiting and path not in self._running:
-                self._start(path)
+                    error = None
+                finally:
+                    self._lock.acquire()
+                st.running = False
+                if error is None:
+                    st.done = target
+                else:
+                    st.failed = (target, error)
+                st.cond.notify_all()
 
-        d.addBoth(done)
+    def sync_all(self, paths) -> None:
+        for p in sorted(set(paths)):
+            self.sync(p)
+
+
+class _DirState:
+    __slots__ = ("issued", "done", "running", "failed", "cond")
+
+    def __init__(self, lock) -> None:
+        self.issued = 0  # the last ticket handed out
+        self.done = 0  # every ticket up to this one is durable
+        self.running = False
+        self.failed = None  # (last ticket of a failed fsync, its error)
+        self.cond = threading.Condition(lock)
 
 
 @dataclass
@@ -216,7 +238,7 @@ class Committed:
     """What the commit thread hands back to the reactor."""
 
     message_id: str
-    dirs: set = field(default_factory=set)  # directories to fsync
+    dirs: set = field(default_factory=set)  # directories that got a link (fsynced)
     links: list = field(default_factory=list)  # created names (undo on failure)
     entry: object = None  # a mailguard.queue.QueueEntry, or None
     notices: list = field(default_factory=list)  # (Envelope, bytes): DSNs to inject
@@ -297,7 +319,7 @@ class MaildirStore:
         makedirs_durable(os.path.join(spool, "mail"))
         self._known_maildirs: set[str] = set()
         self._mkdir_lock = threading.Lock()
-        self.syncer = DirSyncer(run)
+        self.syncer = DirSyncer()
         if queue is not None:
             queue.attach(self)
 
@@ -343,12 +365,6 @@ class MaildirStore:
         return self.commit_file(fd, path, envelope)
 
     def _finish(self, d: defer.Deferred) -> defer.Deferred:
-        def synced(committed: Committed):
-            s = self.syncer.sync_all(committed.dirs)
-            s.addCallback(lambda _: committed)
-            s.addErrback(self._undo, committed)
-            return s
-
         def durable(committed: Committed):
             if committed.entry is not None:
                 self.queue.enqueued(committed.entry)
@@ -357,21 +373,8 @@ class MaildirStore:
                     lambda f: log.failure("cannot store a delivery notification", f))
             return committed.message_id
 
-        d.addCallback(synced)
         d.addCallback(durable)
         return d
-
-    def _undo(self, failure, committed: Committed):
-        """A directory fsync failed: the client gets a 4xx, so take the
-        links back (best effort) rather than deliver a message twice."""
-        def undo():
-            for p in committed.links:
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
-        self.run(undo)
-        return failure
 
     def _maildir(self, mailbox: str) -> str:
         md = maildir_path(self.spool, mailbox)
@@ -385,8 +388,11 @@ class MaildirStore:
         return md
 
     def commit_file(self, fd: int, path: str, envelope: Envelope) -> Committed:
-        """Runs in a thread: fsync the file, link it everywhere it goes.  The
-        caller fsyncs the returned directories before the 250."""
+        """Runs in a thread: fsync the file, link it everywhere it goes,
+        fsync those directories (group commit).  When it returns, the
+        message is durable and the 250 may go.  On any failure the links
+        are taken back (best effort: the client gets a 4xx and will send
+        again, so a copy left behind would be a duplicate)."""
         try:
             os.fsync(fd)
         finally:
@@ -409,6 +415,7 @@ class MaildirStore:
                 done.dirs.update(dirs)
             if self.queue is not None and envelope.mail_from:
                 done.notices = self.queue.local_notices(path, envelope)
+            self.syncer.sync_all(done.dirs)
         except BaseException:
             for p in done.links:
                 try:

@@ -71,9 +71,9 @@ from zope.interface import implementer
 
 from mailguard import replies
 from mailguard.addresses import AddressError, hidden_destination, parse_path, parse_vrfy_argument
-from mailguard.interfaces import IVrfyPolicy
+from mailguard.interfaces import IRecipientGateway, IVrfyPolicy
 from mailguard.policy import RecipientVerdict
-from mailguard.replies import Reply
+from mailguard.replies import BACKEND_NO_ANSWER, Reply
 
 __all__ = [
     "BACKEND_NO_ANSWER",
@@ -98,12 +98,6 @@ __all__ = [
 
 log = Logger()
 
-#: The back-end could not be asked (refused, timed out, connection lost):
-#: RFC 3463 X.4.1 "No answer from host".  The back-end *answered* with a
-#: temporary failure: L{mailguard.replies.RECIPIENT_TRY_LATER} (450 4.4.3).
-#: (Belongs in L{mailguard.replies} with the others; kept here until the
-#: owner of that module takes it.)
-BACKEND_NO_ANSWER = Reply(450, "4.4.1", "Recipient verification unavailable (no answer from the mail server), try again later")
 
 # --- settings parsers (used by mailguard.config's SCALARS) -------------------
 
@@ -822,6 +816,7 @@ class TtlCache:
 # --- the gateway ------------------------------------------------------------------
 
 
+@implementer(IRecipientGateway)
 class Gateway(service.Service):
     """The back-end's verdict on recipients of its domains, for
     L{mailguard.policy.RecipientPolicy} (its C{gateway} hook).

@@ -80,6 +80,19 @@ class IRecipientPolicy(Interface):
         """
 
 
+class IRecipientGateway(Interface):
+    """Gateway mode: recipients of the back-end's domains are verified by
+    asking the back-end (VRFY, cached), never accepted to bounce later."""
+
+    def handles(domain):
+        """True if C{domain} is one of the back-end's domains."""
+
+    def check(mailbox):
+        """A Deferred that always fires with a
+        L{mailguard.policy.RecipientVerdict} (450 when the back-end cannot
+        be asked)."""
+
+
 class IVrfyPolicy(Interface):
     """Answers VRFY: only trusted clients learn anything."""
 

@@ -89,6 +89,7 @@ class MailguardESMTP(smtp.ESMTP):
     _completed_transaction = False
     _tls_active = False
     _in_process = False
+    _out = None  # replies held while pipelined commands wait (RFC 2920)
     _auth_delay = None
 
     def __init__(self, factory) -> None:
@@ -209,14 +210,34 @@ class MailguardESMTP(smtp.ESMTP):
     def _close_with(self, reply: R.Reply) -> None:
         if self.mode == CLOSED:
             return
+        self._buffer = _EMPTY  # nothing more is read; held replies go first
         self._send(reply)
         self.mode = CLOSED
-        self._buffer = _EMPTY
         self.transport.loseConnection()
 
     # -- output ------------------------------------------------------------------
     def _send(self, reply: R.Reply, extra: tuple[str, ...] = ()) -> None:
-        self.transport.write(reply.to_bytes(extra))
+        """Send a reply; while the client's pipelined commands are still
+        waiting in the buffer, collect replies and send them together when
+        the buffer is drained (RFC 2920 3.2).  One write per pipelined
+        group, instead of a small packet per reply that Nagle and delayed
+        ACKs would stall."""
+        data = reply.to_bytes(extra)
+        if self.mode == COMMAND and b"\n" in self._buffer:
+            if self._out is None:
+                self._out = [data]
+            else:
+                self._out.append(data)
+            return
+        if self._out is not None:
+            data = b"".join(self._out) + data
+            self._out = None
+        self.transport.write(data)
+
+    def _flush(self) -> None:
+        if self._out is not None:
+            data, self._out = b"".join(self._out), None
+            self.transport.write(data)
 
     def sendCode(self, code, message=b""):  # twisted.mail API, kept for subclasses
         self.transport.write(b"%d %s\r\n" % (code, message))
@@ -229,6 +250,11 @@ class MailguardESMTP(smtp.ESMTP):
             self._drain()
         finally:
             self._in_process = False
+            # Flush unless more pipelined commands wait, or a pending check
+            # will answer (its reply then carries the held ones along).
+            if self._out is not None and not self._busy and not (
+                    self.mode == COMMAND and b"\n" in self._buffer):
+                self._flush()
 
     def _drain(self) -> None:
         while self._buffer and not self._busy and self.mode not in (CLOSED, HELD):
@@ -289,8 +315,11 @@ class MailguardESMTP(smtp.ESMTP):
             self._busy = False
             # A Deferred that fired at once returns to the running loop;
             # only a later one restarts it (no recursion per command).
-            if self._buffer and not self._in_process and self.mode not in (CLOSED, HELD):
-                self._process()
+            if not self._in_process:
+                if self._buffer and self.mode not in (CLOSED, HELD):
+                    self._process()
+                elif self._out is not None:
+                    self._flush()
 
         d.addBoth(done)
 
@@ -398,9 +427,9 @@ class MailguardESMTP(smtp.ESMTP):
         self._send(R.RESET_OK)
 
     def smtp_QUIT(self, arg: str) -> None:
+        self._buffer = _EMPTY  # nothing after QUIT is read; held replies go first
         self._send(R.CLOSING)
         self.mode = CLOSED
-        self._buffer = _EMPTY
         self.transport.loseConnection()
 
     def smtp_HELP(self, arg: str) -> None:

@@ -297,7 +297,7 @@ class RelayQueue(service.Service):
         self._connect = connect or self._connect_relay_host
         self.entries: dict[str, QueueEntry] = {}
         self.store = None
-        self.syncer = DirSyncer(run)
+        self.syncer = DirSyncer()
         self._ready: deque[QueueEntry] = deque()
         self._workers: set[_Worker] = set()
         self._timer = None
@@ -418,7 +418,7 @@ class RelayQueue(service.Service):
             body=(mp.get("BODY") or "").upper() or None,
             client_ip=envelope.client_ip,
         )
-        tmp = self._write_tmp(entry)
+        tmp = self._write_tmp(entry.id, entry.to_json())
         eml, env = self.eml_path(entry.id), self.env_path(entry.id)
         os.link(path, eml)
         try:
@@ -428,11 +428,12 @@ class RelayQueue(service.Service):
             raise
         return entry, [env, eml], {self.active}
 
-    def _write_tmp(self, entry: QueueEntry) -> str:
-        tmp = os.path.join(self.tmp, f"{entry.id}.{next(_tmp_counter)}")
+    def _write_tmp(self, id: str, data: bytes) -> str:
+        """Runs in a thread: C{data} in a new, fsynced file in ``tmp/``."""
+        tmp = os.path.join(self.tmp, f"{id}.{next(_tmp_counter)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(entry.to_json())
+            view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
@@ -683,21 +684,23 @@ class RelayQueue(service.Service):
 
     def _persist(self, entry: QueueEntry) -> defer.Deferred:
         if entry.pending():
-            d = self.run(self._rewrite, entry)
-        else:
-            d = self.run(self._remove, entry.id)
-        d.addCallback(lambda _: self.syncer.sync(self.active))
-        return d
+            return self.run(self._rewrite, entry.id, entry.to_json())
+        return self.run(self._remove, entry.id)
 
-    def _rewrite(self, entry: QueueEntry) -> None:
-        os.rename(self._write_tmp(entry), self.env_path(entry.id))
+    def _rewrite(self, id: str, data: bytes) -> None:
+        """Runs in a thread: the entry's new state, durably."""
+        os.rename(self._write_tmp(id, data), self.env_path(id))
+        self.syncer.sync(self.active)
 
     def _remove(self, id: str) -> None:
+        """Runs in a thread: the entry is finished.  (The directory fsync
+        keeps a crash from bringing it back to be sent twice.)"""
         for path in (self.env_path(id), self.eml_path(id)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        self.syncer.sync(self.active)
 
 
 # --- the SMTP client ------------------------------------------------------------------
@@ -969,7 +972,8 @@ class RelayClient(smtp.ESMTPClient):
         self._line_start = True
         sender = basic.FileSender()
         d = sender.beginFileTransfer(self._file, self.transport, self.transformChunk)
-        d.addCallbacks(self.finishedFileTransfer, lambda f: self._fail(f"sending the message: {_describe(f.value)}"))
+        d.addCallbacks(self.finishedFileTransfer,
+                       lambda f: self._fail(f"sending the message: {_describe(f.value)}"))
         self._expected = range(0, 1000)
         self._okresponse = self._end_of_data
         self._failresponse = self._end_of_data

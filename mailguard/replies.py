@@ -85,6 +85,10 @@ DISABLED_USER = Reply(550, "5.2.1", "Recipient mailbox disabled")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 RECIPIENT_TRY_LATER = Reply(450, "4.4.3", "Recipient verification unavailable, try again later")
+# Gateway mode: the back-end could not be asked (refused, timed out, lost);
+# RFC 3463 X.4.1 "No answer from host".  RECIPIENT_TRY_LATER is for a
+# back-end that answered with a temporary failure.
+BACKEND_NO_ANSWER = Reply(450, "4.4.1", "Recipient verification unavailable (no answer from the mail server), try again later")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 # --- DATA -------------------------------------------------------------------

@@ -50,6 +50,10 @@ class Options(usage.Options):
             self.config = config_mod.load(self["config"], self["users"])
         except ConfigError as e:
             raise usage.UsageError("configuration errors:\n" + "\n".join(str(p) for p in errors(e.problems)))
+        if self.config.gateway_enabled and not self["relay-host"]:
+            raise usage.UsageError(
+                "GatewayEnabled is 1 but there is no --relay-host: accepted mail "
+                "could not be forwarded to the back-end (see docs/gateway.md)")
         if self["tls-cert"]:
             from mailguard.tls import TLSConfigError, load_context
 

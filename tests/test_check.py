@@ -36,3 +36,10 @@ def test_check_missing_file(tmp_path):
     out = _check(str(tmp_path / "nope.cfg"))
     assert out.returncode == 1
     assert "cannot read" in out.stderr
+
+
+def test_check_shows_gateway_mode(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg", {"GatewayEnabled": "1", "GatewayBackend": "127.0.0.1:2626"})
+    out = _check(str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "gateway: recipients of example.com, example.net verified with VRFY at 127.0.0.1:2626" in out.stdout

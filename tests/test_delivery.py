@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
 
 import pytest
 
@@ -50,40 +52,6 @@ class ManualRun:
             d.callback(result)
 
 
-def test_group_commit_shares_directory_fsyncs(tmp_path):
-    run = ManualRun()
-    syncer = DirSyncer(run)
-    fired = []
-    syncer.sync(str(tmp_path)).addCallback(lambda _: fired.append(1))
-    assert len(run.calls) == 1  # the first starts an fsync at once
-    # Two more arrive while it runs: they must wait for a *new* fsync
-    # (the running one may have missed their links) and share it.
-    syncer.sync(str(tmp_path)).addCallback(lambda _: fired.append(2))
-    syncer.sync(str(tmp_path)).addCallback(lambda _: fired.append(3))
-    assert len(run.calls) == 1
-    run.step()
-    assert fired == [1]
-    assert len(run.calls) == 1
-    run.step()
-    assert fired == [1, 2, 3]
-    assert (syncer.requests, syncer.fsyncs) == (3, 2)
-
-
-def test_no_250_before_the_directory_fsync(tmp_path):
-    run = ManualRun()
-    store = MaildirStore(str(tmp_path), run)
-    msg = store.begin(Envelope("a@b.test", ("john@example.com",)))
-    msg.write(BODY)
-    done = []
-    msg.commit().addCallback(done.append)
-    run.step()  # file fsync and links
-    assert done == [] and len(run.calls) == 1
-    f, args, _ = run.calls[0]
-    assert f.__name__ == "fsync_dir" and args[0].endswith(os.path.join("Maildir", "new"))
-    run.step()
-    assert len(done) == 1
-
-
 def test_one_copy_for_many_local_recipients(tmp_path):
     store = MaildirStore(str(tmp_path))
     env = Envelope("a@b.test", ("john@example.com", "jane@example.com", "john@example.com"))
@@ -115,27 +83,6 @@ def test_relay_recipients_without_a_queue_fail_the_commit(tmp_path):
     assert failures
     # the local link was taken back: no delivery the client was refused
     assert not list((tmp_path / "mail").rglob("new/*"))
-
-
-def test_group_commit_errors_reach_every_waiter(tmp_path):
-    run = ManualRun()
-    syncer = DirSyncer(run)
-    errors = []
-    syncer.sync(str(tmp_path / "missing")).addErrback(errors.append)
-    syncer.sync(str(tmp_path / "missing")).addErrback(errors.append)
-    run.step()
-    run.step()
-    assert len(errors) == 2
-
-
-def test_group_commit_keeps_directories_apart(tmp_path):
-    run = ManualRun()
-    syncer = DirSyncer(run)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    syncer.sync(str(tmp_path / "a"))
-    syncer.sync(str(tmp_path / "b"))
-    assert sorted(args[0] for _, args, _ in run.calls) == [str(tmp_path / "a"), str(tmp_path / "b")]
 
 
 def test_makedirs_durable_fsyncs_each_new_parent(tmp_path, monkeypatch):
@@ -181,52 +128,6 @@ def test_abort_leaves_nothing(tmp_path, size):
     assert not list((tmp_path / "mail").rglob("new/*"))
 
 
-def test_the_250_waits_for_the_fsyncs_on_the_wire(tmp_path):
-    """The protocol, the real store and a runner the test steps: the reply
-    to the final dot is written only after the file fsync (with the links)
-    and then the directory fsync have finished."""
-    from mailguard.testing import connect, make_context
-
-    config = config_mod.load(str(write_config(tmp_path / "mailserver.cfg")))
-    run = ManualRun()
-    store = MaildirStore(str(tmp_path / "spool"), run)
-    ctx = make_context(config, clock=Clock(), spool=str(tmp_path / "spool"), store=store)
-    proto, transport = connect(ctx, "127.0.0.3")
-    proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<john@example.com>\r\n"
-                       b"DATA\r\n")
-    assert transport.value().endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-    transport.clear()
-    proto.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
-    assert transport.value() == b""
-    assert run.calls[0][0].__name__ == "_inject_file"  # write, fsync, link
-    run.step()
-    assert transport.value() == b""  # file fsynced and linked: not yet
-    assert run.calls[0][0].__name__ == "fsync_dir"
-    run.step()
-    assert transport.value().startswith(b"250 2.0.0 ")
-    assert transport.value().endswith(b"250 2.0.0 OK\r\n")  # the pipelined NOOP, after
-
-
-def test_a_failed_directory_fsync_is_a_4xx_and_takes_the_links_back(tmp_path):
-    from mailguard.testing import connect, make_context
-
-    config = config_mod.load(str(write_config(tmp_path / "mailserver.cfg")))
-    run = ManualRun()
-    store = MaildirStore(str(tmp_path / "spool"), run)
-    ctx = make_context(config, clock=Clock(), spool=str(tmp_path / "spool"), store=store)
-    proto, transport = connect(ctx, "127.0.0.3")
-    proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<john@example.com>\r\n"
-                       b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
-    transport.clear()
-    run.step()  # commit_file
-    f, args, d = run.calls.pop(0)
-    d.errback(OSError(5, "EIO"))
-    while run.calls:
-        run.step()  # the undo
-    assert transport.value().startswith(b"452 4.3.1")
-    assert not list((tmp_path / "spool" / "mail").rglob("new/*"))
-
-
 @pytest.mark.parametrize("chunks", [[BODY], [b"a" * 400000, b"b" * 400000, b"c\r\n"]])
 def test_small_and_large_messages_are_stored_whole(tmp_path, chunks):
     store = MaildirStore(str(tmp_path))
@@ -241,3 +142,180 @@ def test_small_and_large_messages_are_stored_whole(tmp_path, chunks):
     path = tmp_path / "mail" / "example.com" / "john" / "Maildir" / "new" / env.message_id
     assert path.read_bytes() == b"".join(chunks)
     assert os.listdir(tmp_path / "incoming") == []
+
+
+# --- group commit -----------------------------------------------------------------
+
+class GatedFsync:
+    """An fsync that records each call and blocks until the test opens it."""
+
+    def __init__(self):
+        self.calls = []
+        self.gates = []
+        self.lock = threading.Lock()
+
+    def __call__(self, path):
+        gate = threading.Event()
+        with self.lock:
+            self.calls.append(path)
+            self.gates.append(gate)
+        assert gate.wait(10)
+
+    def open(self, n):
+        self.gates[n].set()
+
+
+def _wait(predicate):
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_group_commit_shares_directory_fsyncs():
+    fsync = GatedFsync()
+    syncer = DirSyncer(fsync)
+    done = []
+
+    def client(n):
+        syncer.sync("/d")
+        done.append(n)
+
+    a = threading.Thread(target=client, args=("a",))
+    a.start()
+    _wait(lambda: len(fsync.calls) == 1)  # a runs the first fsync
+    # b and c link while it runs: they must not ride on it (it may have
+    # missed their links) but share the next one.
+    b = threading.Thread(target=client, args=("b",))
+    c = threading.Thread(target=client, args=("c",))
+    b.start()
+    c.start()
+    _wait(lambda: syncer.requests == 3)
+    time.sleep(0.05)
+    assert done == [] and len(fsync.calls) == 1
+    fsync.open(0)
+    _wait(lambda: done == ["a"] and len(fsync.calls) == 2)
+    time.sleep(0.05)
+    assert done == ["a"]
+    fsync.open(1)
+    for t in (a, b, c):
+        t.join(10)
+    assert sorted(done) == ["a", "b", "c"]
+    assert (syncer.requests, syncer.fsyncs) == (3, 2)
+
+
+def test_group_commit_errors_reach_every_waiter_of_that_fsync():
+    calls = []
+
+    def failing(path):
+        calls.append(path)
+        time.sleep(0.05)
+        raise OSError(5, "EIO")
+
+    syncer = DirSyncer(failing)
+    errors = []
+
+    def client():
+        try:
+            syncer.sync("/d")
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=client) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 5
+    assert 1 <= len(calls) <= 5
+
+
+def test_group_commit_keeps_directories_apart():
+    seen = []
+    syncer = DirSyncer(seen.append)
+    syncer.sync_all(["/b", "/a", "/b"])
+    assert seen == ["/a", "/b"]
+
+
+def test_group_commit_under_real_threads(tmp_path):
+    """Many threads, a real directory: every sync returns, far fewer fsyncs
+    than requests when they overlap."""
+    syncer = DirSyncer()
+    (tmp_path / "d").mkdir()
+    threads = [threading.Thread(target=lambda: [syncer.sync(str(tmp_path / "d")) for _ in range(20)])
+               for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert syncer.requests == 200 and syncer.fsyncs <= 200
+
+
+# --- the promise on the wire ------------------------------------------------------------
+
+def _session(tmp_path, run):
+    from mailguard.testing import connect, make_context
+
+    config = config_mod.load(str(write_config(tmp_path / "mailserver.cfg")))
+    store = MaildirStore(str(tmp_path / "spool"), run)
+    ctx = make_context(config, clock=Clock(), spool=str(tmp_path / "spool"), store=store)
+    proto, transport = connect(ctx, "127.0.0.3")
+    proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<john@example.com>\r\n"
+                       b"DATA\r\n")
+    assert transport.value().endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    transport.clear()
+    return store, proto, transport
+
+
+def test_the_250_comes_after_the_file_and_directory_fsyncs(tmp_path, monkeypatch):
+    """The protocol, the real store, and a runner the test steps: the reply
+    to the final dot is written only after the message file's fsync and
+    then the fsync of the Maildir's new/ (which saw the link)."""
+    import mailguard.delivery as delivery
+
+    run = ManualRun()
+    store, proto, transport = _session(tmp_path, run)
+    events = []
+    real_fsync, real_dir = os.fsync, delivery.fsync_dir
+
+    def file_fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            events.append(("file", transport.value()))
+        real_fsync(fd)
+
+    def dir_fsync(path):
+        linked = os.listdir(path)
+        events.append(("dir", transport.value(), path.endswith(os.path.join("Maildir", "new")), linked))
+        real_dir(path)
+
+    monkeypatch.setattr(delivery.os, "fsync", file_fsync)
+    monkeypatch.setattr(delivery, "fsync_dir", dir_fsync)
+    proto.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+    assert transport.value() == b""
+    [(f, args, _)] = run.calls
+    assert f.__name__ == "_inject_file"
+    run.step()
+    assert all(e[1] == b"" for e in events)  # nothing was answered during any
+    file_at = [i for i, e in enumerate(events) if e[0] == "file"]
+    new_at = [i for i, e in enumerate(events) if e[0] == "dir" and e[2]]
+    assert len(file_at) == 1 and len(new_at) == 1 and file_at[0] < new_at[0]
+    assert len(events[new_at[0]][3]) == 1  # new/ was fsynced with the link in it
+    assert transport.value().startswith(b"250 2.0.0 ")
+    assert transport.value().endswith(b"250 2.0.0 OK\r\n")  # the pipelined NOOP, after
+
+
+def test_a_failed_directory_fsync_is_a_4xx_and_takes_the_links_back(tmp_path, monkeypatch):
+    import mailguard.delivery as delivery
+
+    run = ManualRun()
+    store, proto, transport = _session(tmp_path, run)
+
+    def broken(path):
+        raise OSError(5, "EIO")
+
+    monkeypatch.setattr(delivery, "fsync_dir", broken)
+    proto.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    run.step()
+    assert transport.value().startswith(b"452 4.3.1")
+    assert not list((tmp_path / "spool" / "mail").rglob("new/*"))
+    assert os.listdir(tmp_path / "spool" / "incoming") == []

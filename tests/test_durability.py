@@ -72,7 +72,8 @@ class Load:
                         i += 1
                         uid = f"s{n}m{i}"
                         kind = rnd.randrange(len(KINDS))
-                        body = _body(uid, rnd.choice((200, 3000, 60000, 400000)))
+                        # 700 KB is past the in-memory limit: written as it arrives
+                        body = _body(uid, rnd.choice((200, 3000, 60000, 700000)))
                         with self.lock:
                             self.sent[uid] = (body, kind)
                         c.sendmail("john@example.com", KINDS[kind][0], body)

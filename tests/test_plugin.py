@@ -81,3 +81,9 @@ def test_options_default_config_loads():
     opts.parseOptions([])
     assert opts.config.hostname == "mail.example.com"
     assert opts["smtp"] == "tcp:2525:interface=127.0.0.1"
+
+
+def test_gateway_mode_needs_relay_host(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg", {"GatewayEnabled": "1"})
+    with pytest.raises(usage.UsageError, match="relay-host"):
+        tap.Options().parseOptions(["--config", str(cfg)])

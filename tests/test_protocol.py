@@ -574,16 +574,44 @@ def test_pipelining_replies_in_order_while_a_check_is_pending(tmp_path):
     s = ehlo(ctx)
     out = s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<one@example.com>\r\nRCPT TO:<two@example.com>\r\n"
                  "NOOP\r\nRCPT TO:<three@example.com>\r\nDATA\r\n")
-    assert s.codes(out) == ["250 2.1.0"]  # nothing answered past the pending RCPT
-    assert [a for a, _ in slow.pending] == ["one@example.com"]  # and nothing else asked yet
+    # Replies to a pipelined group are held until the group is drained
+    # (RFC 2920 3.2), and nothing past the pending RCPT is asked yet.
+    assert s.codes(out) == []
+    assert [a for a, _ in slow.pending] == ["one@example.com"]
     slow.answer(False)
-    assert s.codes(s.take()) == ["550 5.1.1"]
+    assert s.codes(s.take()) == []
+    assert [a for a, _ in slow.pending] == ["two@example.com"]
     slow.answer(True)
-    assert s.codes(s.take()) == ["250 2.1.5", "250 2.0.0"]
     s.send("hello")  # more input while a check is pending is queued, not answered
     slow.answer(True)
-    assert s.codes(s.take()) == ["250 2.1.5", "354 End"]
+    assert s.codes(s.take()) == ["250 2.1.0", "550 5.1.1", "250 2.1.5", "250 2.0.0", "250 2.1.5", "354 End"]
     assert s.codes(s.send("\r\n.\r\n")) == ["250 2.0.0"]
+
+
+def test_pipelined_group_is_answered_in_one_write(tmp_path):
+    """One write per pipelined group: no small packets for Nagle and the
+    client's delayed ACK to stall (the gateway bench found this)."""
+    slow = SlowRecipients()
+    ctx = make_context(tmp_path, recipients=slow)
+    s = ehlo(ctx)
+    writes = []
+    real_write = s.transport.write
+    s.transport.write = lambda data: (writes.append(data), real_write(data))
+    s.send("MAIL FROM:<a@b.test>\r\n" + "".join(f"RCPT TO:<r{i}@example.com>\r\n" for i in range(5)))
+    for _ in range(5):
+        slow.answer(True)
+    assert len(writes) == 1
+    assert s.codes(writes[0]) == ["250 2.1.0"] + ["250 2.1.5"] * 5
+
+
+def test_quit_after_pipelined_commands_sends_every_reply(tmp_path):
+    slow = SlowRecipients()
+    ctx = make_context(tmp_path, recipients=slow)
+    s = ehlo(ctx)
+    s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<one@example.com>\r\nQUIT\r\nNOOP\r\n")
+    slow.answer(True)
+    assert s.codes(s.take()) == ["250 2.1.0", "250 2.1.5", "221 2.0.0"]
+    assert s.transport.disconnecting
 
 
 def test_pipelining_failed_check_is_451_in_order(tmp_path):
@@ -593,7 +621,7 @@ def test_pipelining_failed_check_is_451_in_order(tmp_path):
     with LogCapture():
         s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<one@example.com>\r\nNOOP\r\n")
         slow.fail()
-    assert s.codes(s.take()) == ["451 4.3.0", "250 2.0.0"]
+    assert s.codes(s.take()) == ["250 2.1.0", "451 4.3.0", "250 2.0.0"]
 
 
 def test_pipelining_with_real_policy_in_one_packet(ctx):
@@ -735,10 +763,10 @@ def test_starttls_pipelined_in_separate_reads_before_the_reply(tctx):
     s = ehlo(tctx)
     out = s.send(f"MAIL FROM:<a@b.test>\r\nRCPT TO:<{JOHN}>\r\nSTARTTLS\r\n")
     out += s.send("RSET\r\nMAIL FROM:<evil@b.test>\r\n")
-    assert s.codes(out) == ["250 2.1.0"]
+    assert s.codes(out) == []  # held: a pipelined group is answered together
     slow.answer(True)
     assert s.transport.tls_context is SENTINEL_TLS
-    assert s.codes(s.transport.before_tls) == ["250 2.1.5", "220 2.0.0"]
+    assert s.codes(s.transport.before_tls) == ["250 2.1.0", "250 2.1.5", "220 2.0.0"]
     assert s.take() == b""
     assert s.proto._mail_from is None
 

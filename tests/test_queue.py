@@ -618,6 +618,40 @@ def test_data_refused_after_the_dot_bounces_every_recipient(world):
     assert world.active() == []
 
 
+# --- settings and wiring ------------------------------------------------------------
+
+def test_settings_reach_the_queue(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailguard.service import build_context
+
+    cfg = write_config(tmp_path / "mailserver.cfg", {
+        "QueueLifetime": "86400", "QueueRetryMin": "60", "QueueRetryMax": "3600",
+        "QueueConcurrency": "0", "RelayHostTlsVerify": "0"})
+    config = config_mod.load(str(cfg))
+    assert (config.queue_lifetime, config.queue_retry_min, config.queue_retry_max,
+            config.queue_concurrency) == (86400, 60, 3600, 0)
+    ctx = build_context(config, {"spool": str(tmp_path / "spool"), "relay-host": "[::1]:2525"},
+                        MemoryReactorClock())
+    q = ctx.queue
+    assert (q.lifetime, q.retry_min, q.retry_max, q.concurrency) == (86400, 60, 3600, 1)
+    assert q.relay_host == ("::1", 2525) and q.tls is not None and not q.tls_required
+    assert ctx.dsn and ctx.store.queue is q and q.store is ctx.store
+
+
+def test_default_settings():
+    config = config_mod.load(None)
+    assert (config.queue_lifetime, config.queue_retry_min, config.queue_retry_max,
+            config.queue_concurrency, config.relay_tls_verify) == (432000, 300, 14400, 10, False)
+
+
+def test_malformed_setting_names_file_and_line(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg", {"QueueLifetime": "five days"})
+    config, problems = config_mod.read(str(cfg))
+    assert config is None
+    assert any('"QueueLifetime"' in str(p) and str(cfg) in str(p) for p in problems)
+
+
 # --- the protocol: DSN parameters, ETRN, EHLO ----------------------------------------
 
 def test_protocol_advertises_and_checks_dsn_and_etrn(world):
