@@ -105,37 +105,58 @@ def twistd(tmp_path):
         s.stop()
 
 
-def write_config(path: Path, variables: dict[str, str] | None = None, body: str = "") -> Path:
-    """A small mailserver.cfg: example.com with john, jane, a disabled user,
-    an alias, a relay group of 127.0.0.2 and an exception group."""
-    variables = {
-        "InternetHostname": "mx.example.com",
-        "VRFYEnabled": "1",
-        "SmtpGreetingDelay": "0",
-        "RelayControlIpGroupEnabled": "1",
-        "RelayControlIpGroup": "Trusted",
-        **(variables or {}),
-    }
-    vars_xml = "\n".join(f'  <variable name="{k}">{v}</variable>' for k, v in variables.items())
-    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
-<config>
-{vars_xml}
-  <list name="Domain">
-    <listitem><variable name="Domain">example.com</variable><variable name="Aliases">example.net</variable></listitem>
-  </list>
-  <list name="IpAddressGroup">
-    <listitem><variable name="Group">Trusted</variable><variable name="Address">127.0.0.2</variable><variable name="Enabled">1</variable></listitem>
-    <listitem><variable name="Group">NoDelay</variable><variable name="Address">127.0.0.4</variable><variable name="Enabled">1</variable></listitem>
-  </list>
-  <list name="User">
-    <listitem><variable name="Name">john</variable><variable name="Domain">example.com</variable><variable name="Password">john-secret</variable><variable name="Enabled">1</variable></listitem>
-    <listitem><variable name="Name">jane</variable><variable name="Domain">example.com</variable><variable name="Password">jane-secret</variable><variable name="Enabled">1</variable></listitem>
-    <listitem><variable name="Name">former</variable><variable name="Domain">example.com</variable><variable name="Enabled">0</variable></listitem>
-  </list>
-  <list name="Alias">
-    <listitem><variable name="Name">sales</variable><variable name="Domain">example.com</variable><variable name="DeliverTo">john@example.com,jane@example.com</variable></listitem>
-  </list>
-{body}
-</config>
-""")
+# (name, domain, password, enabled)
+USERS = (
+    ("john", "example.com", "john-secret", True),
+    ("jane", "example.com", "jane-secret", True),
+    # Kerio's SHA: form of "sam-secret" (fixed salt, so the file is stable)
+    ("sam", "example.com",
+     "SHA:001122334455667759553be30e3c7a03a6ea503cfda13919b12d3309", True),
+    ("former", "example.com", "former-secret", False),
+)
+# (group, address)
+GROUPS = (("Trusted", "127.0.0.2"), ("NoDelay", "127.0.0.4"))
+# (name, domain, deliver to)
+ALIASES = (("sales", "example.com", "john@example.com,jane@example.com"),)
+DEFAULT_VARIABLES = {
+    "InternetHostname": "mx.example.com",
+    "VRFYEnabled": "1",
+    "SmtpGreetingDelay": "0",
+    "RelayControlIpGroupEnabled": "1",
+    "RelayControlIpGroup": "Trusted",
+}
+
+
+def write_config(path: Path, variables: dict[str, str] | None = None, body: str = "", *,
+                 users=USERS, groups=GROUPS, aliases=ALIASES, defaults=DEFAULT_VARIABLES) -> Path:
+    """A small mailserver.cfg: example.com (alias example.net) with john,
+    jane, sam (a SHA: password), a disabled user, the alias sales, the
+    relay group "Trusted" = 127.0.0.2 and the group "NoDelay" = 127.0.0.4;
+    no greeting delay, VRFY on.  C{variables} override or add scalars."""
+    def var(name, value):
+        return f'<variable name="{name}">{value}</variable>'
+
+    variables = {**defaults, **(variables or {})}
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<config>"]
+    lines += [f"  {var(k, v)}" for k, v in variables.items()]
+    lines += ['  <list name="Domain">',
+              f'    <listitem>{var("Domain", "example.com")}{var("Aliases", "example.net")}</listitem>',
+              "  </list>"]
+    if groups:
+        lines.append('  <list name="IpAddressGroup">')
+        lines += [f'    <listitem>{var("Group", g)}{var("Address", a)}{var("Enabled", 1)}</listitem>'
+                  for g, a in groups]
+        lines.append("  </list>")
+    if users:
+        lines.append('  <list name="User">')
+        lines += [f'    <listitem>{var("Name", n)}{var("Domain", d)}{var("Password", p)}'
+                  f'{var("Enabled", int(e))}</listitem>' for n, d, p, e in users]
+        lines.append("  </list>")
+    if aliases:
+        lines.append('  <list name="Alias">')
+        lines += [f'    <listitem>{var("Name", n)}{var("Domain", d)}{var("DeliverTo", t)}</listitem>'
+                  for n, d, t in aliases]
+        lines.append("  </list>")
+    lines += [body, "</config>", ""]
+    path.write_text("\n".join(lines))
     return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
@@ -19,79 +18,28 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from mailguard import config as config_mod
-from mailguard.delivery import MaildirStore, run_inline
+from mailguard import testing
+from mailguard.delivery import run_inline
 from mailguard.factory import MailguardFactory, ServerContext
-from mailguard.greeting import GreetingPolicy
-from mailguard.passwords import PasswordChecker, make_sha_password
-from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.seclog import SecurityLog
-
-# name, domain, password, enabled
-USERS = (
-    ("john", "example.com", "john-secret", True),
-    ("jane", "example.com", "jane-secret", True),
-    # Kerio's SHA: form of "sam-secret" (fixed salt, so the file is stable)
-    ("sam", "example.com", make_sha_password("sam-secret", bytes.fromhex("0011223344556677")), True),
-    ("former", "example.com", "former-secret", False),
-)
-
-
-def write_config(path: Path, variables: dict[str, str] | None = None, users=USERS) -> Path:
-    """example.com (alias example.net), the users above, the relay group
-    "Trusted" = 127.0.0.2, no greeting delay, VRFY on."""
-    variables = {
-        "InternetHostname": "mx.example.com",
-        "VRFYEnabled": "1",
-        "SmtpGreetingDelay": "0",
-        "RelayControlIpGroupEnabled": "1",
-        "RelayControlIpGroup": "Trusted",
-        **(variables or {}),
-    }
-    vars_xml = "\n".join(f'  <variable name="{k}">{v}</variable>' for k, v in variables.items())
-    users_xml = "\n".join(
-        f'    <listitem><variable name="Name">{n}</variable><variable name="Domain">{d}</variable>'
-        f'<variable name="Password">{p}</variable><variable name="Enabled">{int(e)}</variable></listitem>'
-        for n, d, p, e in users)
-    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
-<config>
-{vars_xml}
-  <list name="Domain">
-    <listitem><variable name="Domain">example.com</variable><variable name="Aliases">example.net</variable></listitem>
-  </list>
-  <list name="IpAddressGroup">
-    <listitem><variable name="Group">Trusted</variable><variable name="Address">127.0.0.2</variable><variable name="Enabled">1</variable></listitem>
-  </list>
-  <list name="User">
-{users_xml}
-  </list>
-  <list name="Alias">
-    <listitem><variable name="Name">sales</variable><variable name="Domain">example.com</variable><variable name="DeliverTo">john@example.com,jane@example.com</variable></listitem>
-  </list>
-</config>
-""")
-    return path
+from tests.conftest import USERS, write_config  # noqa: F401  (re-exported for tests)
 
 
 def make_context(tmp_path: Path, variables: dict[str, str] | None = None, *, users=USERS,
                  clock=None, tls=None, recipients=None, passwords=True, store=None) -> ServerContext:
     """A ServerContext built the way ``mailguard.service`` builds it, on a
-    Clock and a Maildir store under C{tmp_path}."""
-    cfg = config_mod.load(str(write_config(tmp_path / "mailserver.cfg", variables, users)))
-    clock = clock if clock is not None else task.Clock()
-    trust = TrustPolicy(cfg.ip_groups, cfg.relay_ip_group_enabled, cfg.relay_ip_group, cfg.relay_auth_enabled)
-    return ServerContext(
-        config=cfg,
-        clock=clock,
-        greeting=GreetingPolicy.from_config(cfg, clock),
-        recipients=recipients if recipients is not None else RecipientPolicy(cfg.directory, trust),
-        vrfy=VrfyPolicy(cfg.vrfy_enabled, cfg.directory, trust),
-        trust=trust,
-        store=store if store is not None else MaildirStore(str(tmp_path / "spool"), run_inline),
-        security_log=SecurityLog(str(tmp_path / "security.log"), clock, threaded=False),
-        passwords=PasswordChecker(cfg.users, cfg.directory) if passwords else None,
-        tls=tls,
-        run_blocking=run_inline,
-    )
+    Clock and a Maildir store under C{tmp_path}, from L{write_config}."""
+    cfg = config_mod.load(str(write_config(tmp_path / "mailserver.cfg", variables, users=users)))
+    overrides = {"tls": tls, "run_blocking": run_inline}
+    if recipients is not None:
+        overrides["recipients"] = recipients
+    if store is not None:
+        overrides["store"] = store
+    if not passwords:
+        overrides["passwords"] = None
+    ctx = testing.make_context(cfg, clock=clock, spool=str(tmp_path / "spool"), **overrides)
+    ctx.security_log = SecurityLog(str(tmp_path / "security.log"), ctx.clock, threaded=False)
+    return ctx
 
 
 @implementer(ITLSTransport)

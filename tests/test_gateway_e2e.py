@@ -25,6 +25,7 @@ CLIENT = ("127.0.0.3", 0)
 
 
 def gateway_config(path: Path, variables: dict[str, str] | None = None, body: str = "") -> Path:
+    """A gateway: the back-end's domains, no users of its own."""
     variables = {
         "InternetHostname": "gw.example.com",
         "SmtpGreetingDelay": "0",
@@ -33,17 +34,7 @@ def gateway_config(path: Path, variables: dict[str, str] | None = None, body: st
         "GatewayTimeout": "3",
         **(variables or {}),
     }
-    vars_xml = "\n".join(f'  <variable name="{k}">{v}</variable>' for k, v in variables.items())
-    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
-<config>
-{vars_xml}
-  <list name="Domain">
-    <listitem><variable name="Domain">example.com</variable><variable name="Aliases">example.net</variable></listitem>
-  </list>
-{body}
-</config>
-""")
-    return path
+    return write_config(path, variables, body, users=(), groups=(), aliases=(), defaults={})
 
 
 @pytest.fixture
