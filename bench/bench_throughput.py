@@ -148,6 +148,13 @@ def proc_cpu(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def proc_sys(pid: int) -> float:
+    """The sys (kernel) part of a process's CPU seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """user+sys seconds of each thread of a process, by thread id."""
     out = {}
@@ -556,7 +563,10 @@ class Run:
     messages: int
     length: int
     main_cpu: float = 0.0  # the event-loop thread alone (Python servers)
+    sys_cpu: float = 0.0  # the kernel part of cpu (Python servers)
     background: float = 0.0  # CPU seconds used by processes not in the test
+    loadgen: float = 0.0  # smtp-source's CPU seconds
+    idle: float = 0.0  # CPU seconds the machine's CPUs were idle (all CPUs)
 
     def rate(self, unit: str) -> float:
         if unit == "MB/s":
@@ -606,6 +616,7 @@ def run_load(smtp_source: str, server: Server, w: Workload) -> Run:
         wait_quiet(QUIET["limit"], QUIET["max_wait"])
     python_server = isinstance(server, ProcessServer)
     main0 = thread_cpu(server.pid).get(server.pid, 0.0) if python_server else 0.0
+    sys0 = proc_sys(server.pid) if python_server else 0.0
     busy0, kids0, self0 = machine_busy(), children_cpu(), time.process_time()
     cpu0 = server.cpu()
     t0 = time.perf_counter()
@@ -617,10 +628,13 @@ def run_load(smtp_source: str, server: Server, w: Workload) -> Run:
     elapsed = time.perf_counter() - t0
     cpu = server.cpu() - cpu0
     main = thread_cpu(server.pid).get(server.pid, 0.0) - main0 if python_server else 0.0
+    sys_cpu = proc_sys(server.pid) - sys0 if python_server else 0.0
     # What the rest of the machine took meanwhile: all busy CPU time less
     # the server's, smtp-source's (our child) and ours.
-    background = max(0.0, machine_busy() - busy0 - cpu - (children_cpu() - kids0)
-                     - (time.process_time() - self0))
+    loadgen = children_cpu() - kids0
+    busy = machine_busy() - busy0
+    background = max(0.0, busy - cpu - loadgen - (time.process_time() - self0))
+    idle = max(0.0, elapsed * (os.cpu_count() or 1) - busy)
     if r.returncode != 0:
         raise RuntimeError(f"{server.name}: {w.describe()} exited {r.returncode}: {r.stderr.strip()[-2000:]}")
     # Count what landed.  Maildir servers: at once (the 250 came after the
@@ -632,7 +646,7 @@ def run_load(smtp_source: str, server: Server, w: Workload) -> Run:
         got = server.delivered() - before
     if got != w.messages:
         raise RuntimeError(f"{server.name}: {w.describe()}: {got} messages landed, expected {w.messages}")
-    return Run(elapsed, cpu, w.messages, w.length, main, background)
+    return Run(elapsed, cpu, w.messages, w.length, main, sys_cpu, background, loadgen, idle)
 
 
 # --- the report ------------------------------------------------------------------
@@ -716,8 +730,8 @@ def print_table(servers: list[str], workloads: list[Workload], res: Results) -> 
 
 
 def print_runs(servers, workloads, res: Results) -> None:
-    print("\nall runs (rate; wall seconds; CPU taken by processes outside the benchmark, "
-          "in % of one CPU: noise)")
+    print("\nall runs (rate; wall seconds; CPU busy outside the server and smtp-source, in % of "
+          "one CPU: other people's processes, and kernel threads such as jbd2 and ksoftirqd)")
     for w in workloads:
         for s in servers:
             runs = res.runs.get((s, w.name))
@@ -725,7 +739,7 @@ def print_runs(servers, workloads, res: Results) -> None:
                 rates = ", ".join(f"{r.rate(w.unit):.1f}" for r in runs)
                 secs = ", ".join(f"{r.seconds:.2f}" for r in runs)
                 bg = ", ".join(f"{r.background / r.seconds * 100:.0f}%" for r in runs)
-                print(f"  {w.name:<5} {s:<10} {rates}   ({secs} s; other processes: {bg})")
+                print(f"  {w.name:<5} {s:<10} {rates}   ({secs} s; rest of the machine: {bg})")
 
 
 def print_cpu(servers, w: Workload, res: Results) -> None:
@@ -741,8 +755,12 @@ def print_cpu(servers, w: Workload, res: Results) -> None:
         main = sum(r.main_cpu for r in runs)
         line = f"  {s:<10} {cpu / msgs * 1e3:6.2f} ms CPU/message   {cpu / wall * 100:5.0f}% of one CPU"
         if main:
-            line += (f"; event-loop thread {main / msgs * 1e3:.2f} ms/message, "
-                     f"busy {main / wall * 100:.0f}% of the wall time")
+            kernel = sum(r.sys_cpu for r in runs)
+            line += (f" ({kernel / cpu * 100:.0f}% in the kernel); event-loop thread "
+                     f"{main / msgs * 1e3:.2f} ms/message, busy {main / wall * 100:.0f}% of the wall time")
+        line += (f"\n  {'':<10} meanwhile smtp-source {sum(r.loadgen for r in runs) / wall * 100:.0f}%, "
+                 f"rest of the machine {sum(r.background for r in runs) / wall * 100:.0f}%, "
+                 f"idle {sum(r.idle for r in runs) / wall * 100:.0f}% (of one CPU; {os.cpu_count()} CPUs)")
         print(line)
 
 
@@ -755,7 +773,7 @@ def profile(py_spy: str, smtp_source: str, server: Server, workloads: list[Workl
         # flame-graph tool; summarised below, rendered if a tool is around.
         raw = out / f"mailguard-{w.name}.txt"
         svg = out / f"mailguard-{w.name}.svg"
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--rate", "250",
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--rate", "500",
                                 "--threads", "--format", "raw", "--output", str(raw), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         time.sleep(1.0)  # let py-spy attach
@@ -945,7 +963,7 @@ def main() -> int:
                     res.runs[(name, w.name)].append(run)
                     print(f"  [{rep + 1}/{repeats}] {w.name:<5} {name:<10} {run.rate(w.unit):8.1f} {w.unit} "
                           f"({run.seconds:.2f} s, server CPU {run.cpu:.2f} s, "
-                          f"other processes {run.background / run.seconds * 100:.0f}% of a CPU)",
+                          f"rest of the machine {run.background / run.seconds * 100:.0f}% of a CPU)",
                           file=sys.stderr)
         print()
         names = list(servers)
@@ -955,8 +973,9 @@ def main() -> int:
             print_cpu(names, w, res)
         print(f"\nbenchmark time: {time.monotonic() - t_start:.0f} s")
         if args.profile and "mailguard" in servers:
+            # Longer runs than the measurements, for enough samples.
             prof = [Workload("1k", 20, 1024, max(n1k, 3000), "msg/s"),
-                    Workload("20m", 1, 20971520, 1, "MB/s")]
+                    Workload("20m", 1, 20971520, 5, "MB/s")]
             profile(py_spy, smtp_source, servers["mailguard"], prof, Path(args.profile))
         if args.json:
             Path(args.json).write_text(json.dumps({
