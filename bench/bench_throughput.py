@@ -880,6 +880,8 @@ def main() -> int:
                     help="also run mailguard from this checkout, as server NAME (default "
                          "'candidate'); repeatable (A/B of changes made in copies)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--max-time", type=float, default=600.0, metavar="SECONDS",
+                    help="stop starting new runs after this long and report what was measured")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, spools)")
     args = ap.parse_args()
 
@@ -957,6 +959,9 @@ def main() -> int:
         for s in servers.values():
             run_load(smtp_source, s, warm)
         for rep in range(repeats):
+            if rep and time.monotonic() - t_start > args.max_time:
+                print(f"  --max-time {args.max_time:.0f} s reached: {rep} repeat(s) only", file=sys.stderr)
+                break
             for w in workloads:
                 for name, s in servers.items():
                     run = run_load(smtp_source, s, w)
