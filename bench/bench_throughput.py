@@ -3,7 +3,8 @@
 Run (as root, for the private Postfix instance):
 
     /tmp/venv/bin/python bench/bench_throughput.py [--quick] [--repeats 3]
-        [--only mailguard --only postfix ...] [--profile DIR] [--json FILE]
+        [--only mailguard --only postfix ...] [--workload 1k ...] [--latency]
+        [--candidate NAME=COPY] [--profile DIR] [--json FILE]
 
 Not part of the test suite.  Four servers run side by side in one run, each
 a separate process (tree) on 127.0.0.1, and Postfix's ``smtp-source`` loads
@@ -38,16 +39,24 @@ machine hits all of them alike) and the median is reported, with the ratio
 to Postfix.  Every run is verified: ``smtp-source`` exits 0 (it aborts on
 any unexpected reply) and the messages are counted where they landed (files
 in the Maildir ``new/``; ``status=sent`` lines in Postfix's log).  The CPU
-time (user+sys from ``/proc/PID/stat``, threads and children included) of
-each server over the ``1k`` runs is reported per message.
+time (user+sys from ``/proc``, all threads, or all of Postfix's processes)
+of each server is reported per message, with the event-loop thread's share
+for the Python servers, and, per run, the CPU the rest of the machine used
+meanwhile (the noise on a shared machine).
 
-``--profile DIR`` then runs ``py-spy record`` on mailguard during a longer
-``1k`` run and a ``20m`` run and writes flame graphs and collapsed stacks to
-DIR, with the hottest functions printed (py-spy from ``$PATH`` or
-``--py-spy``).
+``--candidate NAME=DIR`` adds mailguard from another checkout as one more
+server, interleaved with the others: the way to measure a change made in a
+copy of the repository.  ``--latency`` then times each SMTP step of a probe
+session while smtp-source keeps 19 sessions busy (where a message's time
+goes).  ``--profile DIR`` then runs ``py-spy record`` on mailguard during a
+longer ``1k`` run and five ``20m`` messages, writes the collapsed stacks to
+DIR and prints where the reactor thread's and the disk threads' samples land
+(py-spy from ``$PATH`` or ``--py-spy``).
 
 Everything started is stopped (by process id) on exit, error or Ctrl-C.
-A full run takes 2-4 minutes; ``--quick`` about one.
+A full run takes about 3 minutes (more on a busy machine; ``--max-time``
+bounds the repeats); ``--quick`` under one.  ``docs/performance.md`` has
+the figures and what they mean.
 """
 
 from __future__ import annotations
@@ -764,6 +773,80 @@ def print_cpu(servers, w: Workload, res: Results) -> None:
         print(line)
 
 
+# --- latency under load ------------------------------------------------------------
+
+PROBE_STEPS = ("connect+220", "HELO", "MAIL", "RCPT", "DATA", "body+250", "QUIT")
+PROBE_BODY = (b"From: <from@test>\r\nTo: <john@example.com>\r\nSubject: probe\r\n\r\n"
+              + b"".join(b"%02d" % i + b"X" * 76 + b"\r\n" for i in range(13)))
+
+
+def _reply(sock: socket.socket, buf: bytearray) -> bytes:
+    """The last line of one (possibly multi-line) SMTP reply."""
+    while True:
+        while b"\r\n" in buf:
+            i = buf.index(b"\r\n")
+            line = bytes(buf[:i])
+            del buf[:i + 2]
+            if line[3:4] != b"-":
+                return line
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("connection closed by the server")
+        buf += chunk
+
+
+def probe_session(port: int) -> dict[str, float]:
+    """One whole SMTP transaction, timing each step (seconds)."""
+    times = {}
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        buf = bytearray()
+        for step, cmd, want in (("connect+220", None, b"220"), ("HELO", b"HELO probe\r\n", b"250"),
+                                ("MAIL", b"MAIL FROM:<from@test>\r\n", b"250"),
+                                ("RCPT", b"RCPT TO:<john@example.com>\r\n", b"250"),
+                                ("DATA", b"DATA\r\n", b"354"), ("body+250", PROBE_BODY + b".\r\n", b"250"),
+                                ("QUIT", b"QUIT\r\n", b"221")):
+            if cmd:
+                sock.sendall(cmd)
+            line = _reply(sock, buf)
+            if not line.startswith(want):
+                raise RuntimeError(f"probe: {step}: {line!r}")
+            now = time.perf_counter()
+            times[step] = now - t
+            t = now
+    return times
+
+
+def latency(smtp_source: str, server: Server, n: int = 200) -> dict[str, float]:
+    """Median time of each step of a probe session, one after the other,
+    while smtp-source keeps 19 other sessions busy (1 KB messages)."""
+    load = subprocess.Popen([smtp_source, "-s", "19", "-l", "1024", "-m", "1000000", "-f", SENDER,
+                             "-t", RCPT, f"127.0.0.1:{server.port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        if load.poll() is not None:
+            raise RuntimeError(f"{server.name}: smtp-source exited {load.returncode} under the probe")
+        samples = [probe_session(server.port) for _ in range(n)]
+    finally:
+        load.terminate()
+        try:
+            load.wait(10)
+        except subprocess.TimeoutExpired:
+            load.kill()
+            load.wait(5)
+    return {step: statistics.median(s[step] for s in samples) for step in PROBE_STEPS}
+
+
+def print_latency(rows: dict[str, dict[str, float]]) -> None:
+    print("\nlatency of one session's steps while 19 smtp-source sessions load the server "
+          "(1 KB; median ms of 200 probe messages):")
+    print(f"{'server':<10}" + "".join(f"{s:>12}" for s in PROBE_STEPS) + f"{'total':>9}")
+    for name, r in rows.items():
+        print(f"{name:<10}" + "".join(f"{r[s] * 1e3:>12.2f}" for s in PROBE_STEPS)
+              + f"{sum(r.values()) * 1e3:>9.2f}")
+
+
 # --- profiling -------------------------------------------------------------------
 
 def profile(py_spy: str, smtp_source: str, server: Server, workloads: list[Workload], out: Path) -> None:
@@ -829,7 +912,12 @@ def summarise_profile(raw: Path, top: int = 12) -> None:
         n = int(n)
         frames = stack.split(";")
         thread = frames[0].rpartition(": ")[2]
-        kind = "reactor" if thread == "MainThread" else re.sub(r"-?\d+$", "", thread) or "other"
+        if thread == "MainThread":
+            kind = "reactor"
+        elif thread.startswith("PoolThread"):
+            kind = re.sub(r"-?\d+$", "", thread)
+        else:
+            kind = "other"
         total += n
         kinds[kind] += n
         names = [re.sub(r" \(.*?(site-packages/|/main/|/lib/python3[.\d]*/)", " (", f) for f in frames[1:]]
@@ -872,6 +960,9 @@ def main() -> int:
     ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                     help="before each run, wait up to this long for the machine to be idle "
                          "(under 0.3 CPU busy); for shared machines")
+    ap.add_argument("--latency", action="store_true",
+                    help="afterwards, time each SMTP step of a probe session while smtp-source "
+                         "keeps 19 sessions busy (where a message's time goes)")
     ap.add_argument("--profile", metavar="DIR", help="then profile mailguard with py-spy, output in DIR")
     ap.add_argument("--py-spy", default=None, help="py-spy executable (default: from $PATH)")
     ap.add_argument("--mailguard-root", metavar="DIR",
@@ -977,6 +1068,12 @@ def main() -> int:
         for w in workloads:
             print_cpu(names, w, res)
         print(f"\nbenchmark time: {time.monotonic() - t_start:.0f} s")
+        lat = {}
+        if args.latency:
+            for name, s in servers.items():
+                os.sync()
+                lat[name] = latency(smtp_source, s)
+            print_latency(lat)
         if args.profile and "mailguard" in servers:
             # Longer runs than the measurements, for enough samples.
             prof = [Workload("1k", 20, 1024, max(n1k, 3000), "msg/s"),
@@ -987,6 +1084,7 @@ def main() -> int:
                 "machine": info,
                 "workloads": [w.__dict__ for w in workloads],
                 "median": {f"{s}/{w}": v for (s, w), v in summary.items()},
+                "latency_ms": {s: {k: v * 1e3 for k, v in r.items()} for s, r in lat.items()},
                 "runs": {f"{s}/{w}": [r.__dict__ for r in runs] for (s, w), runs in res.runs.items()},
             }, indent=2))
     finally:
