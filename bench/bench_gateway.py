@@ -3,7 +3,7 @@ cold and warm cache), against a mailguard deciding from its local directory.
 
 Run:
 
-    /tmp/venv/bin/python bench/bench_gateway.py [--quick] [--users N]
+    .venv/bin/python bench/bench_gateway.py [--quick] [--users N]
         [--addresses N] [--clients N] [--connections N] [--batch N]
 
 Not part of the test suite.  Three real processes on loopback:

@@ -1,7 +1,7 @@
 """Benchmark: server memory per connection held in the greeting delay.
 
 Run:
-    /tmp/venv/bin/python bench/bench_held_connections.py [--connections 5000] [--delay 30]
+    .venv/bin/python bench/bench_held_connections.py [--connections 5000] [--delay 30]
 
 Not part of the test suite.  Three servers, each a separate process, are
 measured one after the other in the same run, with the same client:

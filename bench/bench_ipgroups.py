@@ -1,6 +1,6 @@
 """Benchmark: IP group build time and lookup rate, against a linear scan.
 
-Run: /tmp/venv/bin/python bench/bench_ipgroups.py [--quick]
+Run: .venv/bin/python bench/bench_ipgroups.py [--quick]
 
 Not part of the test suite.  It shows that membership is logarithmic (the
 lookup rate barely moves from 100 to 100,000 rows) and what the flattening

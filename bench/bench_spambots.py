@@ -1,7 +1,7 @@
 """Benchmark: a spambot simulation against a real ``twistd -n mailguard``.
 
 Run:
-    /tmp/venv/bin/python bench/bench_spambots.py [--delay 2.5] [--giveup 300]
+    .venv/bin/python bench/bench_spambots.py [--delay 2.5] [--giveup 300]
         [--early 300] [--reactive 100] [--patient 100] [--legit 100] [--spread 5]
 
 Not part of the test suite.  Time is scaled down ten times from Kerio's

@@ -2,7 +2,7 @@
 
 Run (as root, for the private Postfix instance):
 
-    /tmp/venv/bin/python bench/bench_throughput.py [--quick] [--repeats 3]
+    .venv/bin/python bench/bench_throughput.py [--quick] [--repeats 3]
         [--only mailguard --only postfix ...] [--workload 1k ...] [--latency]
         [--candidate NAME=COPY] [--profile DIR] [--json FILE]
 

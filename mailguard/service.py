@@ -27,6 +27,7 @@ from mailguard.gateway import build_gateway, gateway_vrfy
 from mailguard.greeting import GreetingPolicy
 from mailguard.passwords import PasswordChecker
 from mailguard.queue import RelayQueue, client_tls, directory_router, parse_relay_host
+from mailguard.proxy import ProxyHeaderFactory
 from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.seclog import SecurityLog
 from mailguard import tls as tls_mod
@@ -133,11 +134,19 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor) ->
         desc = opts[listener]
         if not desc:
             continue
+        # haproxy:ENDPOINT is handled here, not by Twisted's parser: the
+        # session must start only once the PROXY header names the client
+        # (mailguard.proxy).
+        proxied = desc.startswith("haproxy:")
+        inner = desc[len("haproxy:"):] if proxied else desc
         factory = MailguardFactory(context, listener)
-        if listener == "smtps" and not desc.startswith("ssl:"):
-            # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...).
+        if listener == "smtps" and not inner.startswith("ssl:"):
+            # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
+            # inside the plain-text PROXY header.
             factory = TLSMemoryBIOFactory(context.tls, False, factory)
-        endpoint = endpoints.serverFromString(reactor, desc)
+        if proxied:
+            factory = ProxyHeaderFactory(factory, reactor)
+        endpoint = endpoints.serverFromString(reactor, inner)
         svc = internet.StreamServerEndpointService(endpoint, factory)
         svc._raiseSynchronously = True
         svc.setName(listener)
