@@ -50,6 +50,7 @@ from itertools import count
 from typing import Callable
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -252,10 +253,14 @@ class IncomingMessage:
     and linked in one go by the commit thread: the reactor thread does no
     disk I/O for it (creating a file in a busy directory can wait on the
     file system's journal while other messages' fsyncs run).  A larger one
-    goes to ``incoming/`` as it arrives, so memory stays bounded.
+    goes to ``incoming/`` as it arrives, so memory stays bounded; every
+    C{SYNC_EVERY} bytes a disk thread flushes what has arrived so far
+    (``fdatasync``), so the fsync at the final dot, which is what the
+    ``250`` waits for, finds little left to write.
     """
 
     SPILL = 512 * 1024
+    SYNC_EVERY = 4 << 20
 
     def __init__(self, store: "MaildirStore", envelope: Envelope) -> None:
         self.store = store
@@ -264,6 +269,9 @@ class IncomingMessage:
         self.fd: int | None = None
         self._chunks: list[bytes] | None = []
         self.size = 0
+        self._unsynced = 0
+        self._syncing: defer.Deferred | None = None  # a background fdatasync
+        self._sync_error: Failure | None = None
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -275,23 +283,57 @@ class IncomingMessage:
             self._chunks = None
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         _write_all(self.fd, data)
+        self._unsynced += len(data)
+        if self._unsynced >= self.SYNC_EVERY and self._syncing is None:
+            self._unsynced = 0
+            self._syncing = self.store.run(os.fdatasync, self.fd)
+            self._syncing.addBoth(self._synced)
+
+    def _synced(self, result) -> None:
+        # Only an early flush: the final fsync still makes the message
+        # durable.  But a write-back error is reported once per file
+        # description, so one seen here must fail the commit, or the final
+        # fsync could succeed over lost data.
+        self._syncing = None
+        if isinstance(result, Failure) and self._sync_error is None:
+            self._sync_error = result
+
+    def _after_sync(self, f, *args) -> defer.Deferred:
+        """Run C{f(*args)} once no background fdatasync is in flight (its
+        file descriptor must not be closed, or reused, under it)."""
+        if self._syncing is None:
+            return defer.maybeDeferred(f, *args)
+        d = defer.Deferred()
+        self._syncing.addBoth(lambda _: d.callback(None))
+        return d.addCallback(lambda _: f(*args))
 
     def commit(self):
         if self._chunks is not None:
             data, self._chunks = b"".join(self._chunks), None
             return self.store.inject(self.envelope, lambda: data)
         fd, self.fd = self.fd, None
+        if self._syncing is None and self._sync_error is None:
+            return self.store.commit(fd, self.path, self.envelope)
+        return self._after_sync(self._commit_synced, fd)
+
+    def _commit_synced(self, fd: int):
+        if self._sync_error is not None:
+            self._discard(fd)
+            return self._sync_error
         return self.store.commit(fd, self.path, self.envelope)
 
     def abort(self) -> None:
         self._chunks = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            self._after_sync(self._discard, fd)
+
+    def _discard(self, fd: int) -> None:
+        os.close(fd)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -390,16 +432,16 @@ class MaildirStore:
     def commit_file(self, fd: int, path: str, envelope: Envelope) -> Committed:
         """Runs in a thread: fsync the file, link it everywhere it goes,
         fsync those directories (group commit).  When it returns, the
-        message is durable and the 250 may go.  On any failure the links
-        are taken back (best effort: the client gets a 4xx and will send
-        again, so a copy left behind would be a duplicate)."""
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        message is durable and the 250 may go.  C{fd} is closed and the
+        incoming name C{path} removed in every case.  On any failure the
+        links are taken back (best effort: the client gets a 4xx and will
+        send again, so a copy left behind would be a duplicate)."""
         name = envelope.message_id
         done = Committed(name)
         try:
+            os.fsync(fd)
+            fd, closing = None, fd
+            os.close(closing)
             for md in dict.fromkeys(self._maildir(m) for m in envelope.mailboxes):
                 new = os.path.join(md, "new")
                 target = os.path.join(new, name)
@@ -424,6 +466,8 @@ class MaildirStore:
                     pass
             raise
         finally:
+            if fd is not None:  # the fsync failed
+                os.close(fd)
             try:
                 os.unlink(path)
             except OSError:

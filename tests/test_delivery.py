@@ -319,3 +319,82 @@ def test_a_failed_directory_fsync_is_a_4xx_and_takes_the_links_back(tmp_path, mo
     assert transport.value().startswith(b"452 4.3.1")
     assert not list((tmp_path / "spool" / "mail").rglob("new/*"))
     assert os.listdir(tmp_path / "spool" / "incoming") == []
+
+
+# --- large messages: early fdatasync while the rest arrives ----------------------------
+
+def _big(tmp_path, run):
+    store = MaildirStore(str(tmp_path), run=run)
+    env = Envelope("a@b.test", ("john@example.com",))
+    msg = store.begin(env)
+    msg.SYNC_EVERY = 1024 * 1024
+    return store, env, msg
+
+
+def test_a_large_message_is_flushed_while_it_arrives_and_committed_after(tmp_path):
+    run = ManualRun()
+    store, env, msg = _big(tmp_path, run)
+    for _ in range(3):
+        msg.write(b"x" * 500_000)  # 1.5 MB: one fdatasync started at 1 MB
+    [(f, args, _)] = run.calls
+    assert f is os.fdatasync
+    ids = []
+    msg.commit().addCallback(ids.append)
+    assert len(run.calls) == 1  # the commit waits for the flush in flight
+    run.step()  # the flush
+    [(f, args, _)] = run.calls
+    assert f.__name__ == "commit_file"
+    run.step()
+    assert ids == [env.message_id]
+    new = tmp_path / "mail" / "example.com" / "john" / "Maildir" / "new" / env.message_id
+    assert new.stat().st_size == 1_500_000
+    assert os.listdir(tmp_path / "incoming") == []
+
+
+def test_abort_waits_for_a_flush_in_flight_before_closing(tmp_path, monkeypatch):
+    run = ManualRun()
+    store, env, msg = _big(tmp_path, run)
+    msg.write(b"x" * 1_100_000)
+    [(f, (fd,), _)] = run.calls
+    closed = []
+    real_close = os.close
+    monkeypatch.setattr(os, "close", lambda n: (closed.append(n), real_close(n)))
+    msg.abort()
+    assert closed == [] and len(os.listdir(tmp_path / "incoming")) == 1  # fd still open
+    run.step()  # the fdatasync runs on a descriptor that is still the message's
+    assert closed == [fd]
+    assert os.listdir(tmp_path / "incoming") == []
+
+
+def test_a_failed_early_flush_fails_the_commit(tmp_path):
+    """A write-back error is reported once: the flush that saw it must fail
+    the message, even if the final fsync then succeeds."""
+    run = ManualRun()
+    store, env, msg = _big(tmp_path, run)
+    msg.write(b"x" * 1_100_000)
+    f, args, d = run.calls.pop(0)
+    d.errback(OSError(5, "EIO"))
+    msg.write(b"y\r\n")
+    failures = []
+    msg.commit().addErrback(failures.append)
+    assert run.calls == [] and len(failures) == 1 and failures[0].check(OSError)
+    assert os.listdir(tmp_path / "incoming") == []
+    assert not list((tmp_path / "mail").rglob("new/*"))
+
+
+def test_a_failed_file_fsync_leaves_nothing_in_incoming(tmp_path, monkeypatch):
+    import mailguard.delivery as delivery
+
+    store = MaildirStore(str(tmp_path))
+    msg = store.begin(Envelope("a@b.test", ("john@example.com",)))
+    msg.write(BODY)
+
+    def broken(fd):
+        raise OSError(5, "EIO")
+
+    monkeypatch.setattr(delivery.os, "fsync", broken)
+    failures = []
+    msg.commit().addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(OSError)
+    assert os.listdir(tmp_path / "incoming") == []
+    assert not list((tmp_path / "mail").rglob("new/*"))

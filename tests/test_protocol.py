@@ -819,3 +819,18 @@ def test_smtps_listener_is_tls_from_the_start(tctx):
     transaction(s)
     s.send("hi\r\n.\r\n")
     assert " with ESMTPS id " in received(tctx)
+
+
+def test_reads_grow_only_while_a_large_message_arrives(ctx):
+    """256 KiB per recv after 256 KiB of DATA, the transport's own size
+    again after the final dot (a big buffer would cost small reads)."""
+    s = ehlo(ctx)
+    s.transport.bufferSize = 65536
+    transaction(s)
+    s.send(("x" * 78 + "\r\n") * 1000)  # 80 KB
+    assert s.transport.bufferSize == 65536
+    s.send(("x" * 78 + "\r\n") * 3000)  # 320 KB in all
+    assert s.transport.bufferSize == 1 << 18
+    assert s.codes(s.send(".\r\n")) == ["250 2.0.0"]
+    assert s.transport.bufferSize == 65536
+    assert len(body_of(maildir_messages(ctx, JOHN)[0])) == 80 * 4000
