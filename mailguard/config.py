@@ -259,25 +259,36 @@ def _ip_rows(doc: Document, problems: list[Problem]) -> list[IpGroupRow]:
     return out
 
 
+def _name_and_domain(row: Row, kind: str, problems: list[Problem],
+                     default_domain: str | None) -> tuple[str, str] | None:
+    """A User or Alias row's local part and domain ("Name" may hold a whole
+    address); a row without "Domain" belongs to the only local domain."""
+    name = _value(row, "Name")
+    domain = _value(row, "Domain")
+    if "@" in name and not domain:
+        name, domain = name.rsplit("@", 1)
+    if not name:
+        problems.append(Problem(row.where, f'{kind}: row without "Name"'))
+        return None
+    if not domain:
+        if default_domain is None:
+            problems.append(Problem(row.where, f'{kind} "{name}": no "Domain" and no single local domain to assume'))
+            return None
+        domain = default_domain
+    return name, domain.lower().rstrip(".")
+
+
 def _users(doc: Document, problems: list[Problem], default_domain: str | None) -> list[UserRecord]:
     out = []
     for row in _rows(doc, "User"):
-        name = _value(row, "Name")
-        domain = _value(row, "Domain")
-        if "@" in name and not domain:
-            name, domain = name.rsplit("@", 1)
-        if not name:
-            problems.append(Problem(row.where, 'User: row without "Name"'))
+        found = _name_and_domain(row, "User", problems, default_domain)
+        if found is None:
             continue
-        if not domain:
-            if default_domain is None:
-                problems.append(Problem(row.where, f'User "{name}": no "Domain" and no single local domain to assume'))
-                continue
-            domain = default_domain
+        name, domain = found
         pw = row.get("Password")
         out.append(UserRecord(
             name=name,
-            domain=domain.lower().rstrip("."),
+            domain=domain,
             password=pw.value if pw is not None and pw.value != "" else None,
             enabled=_row_bool(row, "Enabled", problems, f'User "{name}@{domain}"'),
             aliases=parse_list(_value(row, "Aliases")),
@@ -289,23 +300,15 @@ def _users(doc: Document, problems: list[Problem], default_domain: str | None) -
 def _aliases(doc: Document, problems: list[Problem], default_domain: str | None) -> list[AliasRecord]:
     out = []
     for row in _rows(doc, "Alias"):
-        name = _value(row, "Name")
-        domain = _value(row, "Domain")
-        if "@" in name and not domain:
-            name, domain = name.rsplit("@", 1)
-        target = parse_list(_value(row, "DeliverTo"))
-        if not name:
-            problems.append(Problem(row.where, 'Alias: row without "Name"'))
+        found = _name_and_domain(row, "Alias", problems, default_domain)
+        if found is None:
             continue
+        name, domain = found
+        target = parse_list(_value(row, "DeliverTo"))
         if not target:
             problems.append(Problem(row.where, f'Alias "{name}": no "DeliverTo"'))
             continue
-        if not domain:
-            if default_domain is None:
-                problems.append(Problem(row.where, f'Alias "{name}": no "Domain" and no single local domain to assume'))
-                continue
-            domain = default_domain
-        out.append(AliasRecord(name, domain.lower().rstrip("."), target, row.where))
+        out.append(AliasRecord(name, domain, target, row.where))
     return out
 
 

@@ -257,3 +257,36 @@ def test_reader_keeps_line_numbers(tmp_path):
                                b'</tablerow></table></config>', "f.cfg")
     row = doc.collections["T"].rows[0]
     assert (row.where.line, row.variables["A"].where.line) == (4, 5)
+
+
+def _users_file(tmp_path, domains: list[str], rows: str):
+    doms = "".join(f'<listitem><variable name="Domain">{d}</variable></listitem>' for d in domains)
+    return _problems(tmp_path, f'<config>\n<list name="Domain">{doms}</list>\n{rows}\n</config>')
+
+
+def test_user_without_domain_belongs_to_the_only_domain(tmp_path):
+    config, problems, _ = _users_file(tmp_path, ["x.test"], '<list name="User"><listitem>'
+                                      '<variable name="Name">Bob</variable></listitem></list>')
+    assert [u.address for u in config.users] == ["Bob@x.test"]
+
+
+def test_user_without_domain_among_several_is_an_error(tmp_path):
+    config, problems, path = _users_file(tmp_path, ["x.test", "y.test"], '<list name="User">\n<listitem>'
+                                         '<variable name="Name">bob</variable></listitem></list>')
+    assert config is None
+    assert problems == [f'{path}:4: User "bob": no "Domain" and no single local domain to assume']
+
+
+def test_user_and_alias_rows_without_name_or_target(tmp_path):
+    config, problems, path = _users_file(
+        tmp_path, ["x.test"],
+        '<list name="User">\n<listitem><variable name="Domain">x.test</variable></listitem></list>\n'
+        '<list name="Alias">\n<listitem><variable name="Name">sales</variable></listitem></list>')
+    assert config is None
+    assert problems == [f'{path}:4: User: row without "Name"', f'{path}:6: Alias "sales": no "DeliverTo"']
+
+
+def test_name_may_hold_the_whole_address(tmp_path):
+    config, _, _ = _users_file(tmp_path, ["x.test", "y.test"], '<list name="User"><listitem>'
+                               '<variable name="Name">amy@Y.test</variable></listitem></list>')
+    assert [u.address for u in config.users] == ["amy@y.test"]
