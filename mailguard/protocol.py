@@ -40,6 +40,8 @@ log = Logger()
 
 HELD, COMMAND, DATA, AUTH_WAIT, CLOSED = "HELD", "COMMAND", "DATA", "AUTH", "CLOSED"
 
+# Input buffered while a check is pending, beyond which reading pauses.
+INPUT_HOLD_MAX = 64 * 1024
 COMMAND_LINE_MAX = 512  # RFC 5321 4.5.3.1.4, CRLF included
 AUTH_LINE_MAX = 12288  # RFC 4954 section 4
 TEXT_LINE_MAX = 1000  # RFC 5321 4.5.3.1.6, CRLF included
@@ -91,6 +93,7 @@ class MailguardESMTP(smtp.ESMTP):
     _completed_transaction = False
     _tls_active = False
     _in_process = False
+    _paused = False  # reading paused while a check is pending (backpressure)
     _out = None  # replies held while pipelined commands wait (RFC 2920)
     _auth_delay = None
 
@@ -149,8 +152,10 @@ class MailguardESMTP(smtp.ESMTP):
         ctx = self.factory.context
         self.mode = COMMAND
         self._send(R.SERVICE_READY.with_text(f"{ctx.hostname} ESMTP"))
-        self._idle = ctx.clock.callLater(ctx.config.idle_timeout, self._idle_timeout)
-        self._session_timer = ctx.clock.callLater(ctx.config.max_session_time, self._session_too_long)
+        if ctx.config.idle_timeout > 0:  # 0: no limit
+            self._idle = ctx.clock.callLater(ctx.config.idle_timeout, self._idle_timeout)
+        if ctx.config.max_session_time > 0:
+            self._session_timer = ctx.clock.callLater(ctx.config.max_session_time, self._session_too_long)
         if self._buffer:  # cannot happen while held, but keep the invariant
             self._process()
 
@@ -165,6 +170,11 @@ class MailguardESMTP(smtp.ESMTP):
             self._idle.reset(self.factory.context.config.idle_timeout)
         if not self._busy:
             self._process()
+        elif len(self._buffer) > INPUT_HOLD_MAX and not self._paused:
+            # A check is pending and the client keeps sending: stop reading
+            # (TCP backpressure) instead of buffering without limit.
+            self._paused = True
+            self.transport.pauseProducing()
 
     def _early_talker(self, data: bytes) -> None:
         ctx = self.factory.context
@@ -257,6 +267,9 @@ class MailguardESMTP(smtp.ESMTP):
             if self._out is not None and not self._busy and not (
                     self.mode == COMMAND and b"\n" in self._buffer):
                 self._flush()
+            if self._paused and not self._busy and self.mode != CLOSED:
+                self._paused = False
+                self.transport.resumeProducing()
 
     def _drain(self) -> None:
         while self._buffer and not self._busy and self.mode not in (CLOSED, HELD):
@@ -464,9 +477,17 @@ class MailguardESMTP(smtp.ESMTP):
             if self._vrfy_count > ctx.config.vrfy_limit:
                 return self._close_with(R.TOO_MANY_ERRORS)
         d = defer.maybeDeferred(ctx.vrfy.answer, self.session, arg)
-        d.addCallback(self._send)
+        d.addCallback(self._vrfy_reply)
         d.addErrback(self._internal_error, "VRFY")
         self._wait(d)
+
+    def _vrfy_reply(self, reply: R.Reply) -> None:
+        # VRFY while disabled, or with a malformed argument, is a client
+        # error like any other (SmtpMaxErrors); answers about users are not.
+        if reply.code in (501, 502):
+            self._error(reply)
+        else:
+            self._send(reply)
 
     def _internal_error(self, failure, what: str) -> None:
         log.failure("internal error in {what}", failure, what=what)
@@ -581,7 +602,7 @@ class MailguardESMTP(smtp.ESMTP):
         )
         try:
             self._message = ctx.store.begin(envelope)
-            self._message.write(self.received_header(envelope))
+            self._message.write(self.return_path(envelope) + self.received_header(envelope))
         except OSError:
             log.failure("cannot open message file")
             self._message = None
@@ -592,6 +613,14 @@ class MailguardESMTP(smtp.ESMTP):
         self._data_at_line_start = True
         self.mode = DATA
         self._send(R.START_DATA)
+
+    @staticmethod
+    def return_path(envelope: Envelope) -> bytes:
+        """RFC 5321 4.4: final delivery records the envelope sender.  The
+        stored file is shared by every destination, so it is written once;
+        the relay queue leaves it out when it forwards (a relaying MTA must
+        not send it on)."""
+        return b"Return-Path: <" + envelope.mail_from.encode("utf-8", "replace") + b">\r\n"
 
     def received_header(self, envelope: Envelope) -> bytes:
         """RFC 5321 4.4 trace header; RFC 3848 protocol types; no software
@@ -955,8 +984,9 @@ class MailguardESMTP(smtp.ESMTP):
         """RFC 1985: ``ETRN domain`` starts a queue run for that domain,
         ``ETRN @domain`` for it and its subdomains, ``ETRN #queue`` for the
         named queue (there is one: all of it).  After EHLO, outside a mail
-        transaction (as Postfix); anyone may ask, since a run only moves
-        the queue's next attempt forward."""
+        transaction (as Postfix).  Only trusted clients may ask: a run ends
+        the queue's back-off, so an outsider could otherwise hammer the
+        relay host and the disk (``458 4.5.0``, counted as junk)."""
         ctx = self.factory.context
         if ctx.queue is None:
             return self._error(R.NOT_IMPLEMENTED)
@@ -964,6 +994,10 @@ class MailguardESMTP(smtp.ESMTP):
             return self._error(R.NEED_EHLO)
         if self._mail_from is not None:
             return self._error(R.BAD_SEQUENCE)
+        if self._junk_command():
+            return
+        if not ctx.trust.is_trusted(self.session):
+            return self._send(R.ETRN_NOT_AVAILABLE)
         target = arg.strip()
         if target.startswith("#"):
             if len(target) < 2 or " " in target:

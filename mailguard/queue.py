@@ -798,6 +798,14 @@ class _RelayClientFactory(protocol.ClientFactory):
         return p
 
 
+def skip_return_path(f) -> None:
+    """Position C{f} after a leading ``Return-Path:`` line: it records final
+    delivery here and must not travel to the next hop (RFC 5321 4.4)."""
+    first = f.readline()
+    if not first.lower().startswith(b"return-path:"):
+        f.seek(0)
+
+
 class RelayClient(smtp.ESMTPClient):
     """An ESMTP client that delivers queue entries, one transaction each,
     until its worker has no more; records every reply per recipient.
@@ -900,6 +908,7 @@ class RelayClient(smtp.ESMTPClient):
         self.outcome = Outcome(dsn=b"DSN" in ext, remote=self.worker.queue.relay_name)
         try:
             self._file = open(self.worker.queue.eml_path(entry.id), "rb")
+            skip_return_path(self._file)
         except OSError as e:
             self.outcome.error = f"cannot read the queued message: {e.strerror}"
             self._entry_done()

@@ -122,7 +122,7 @@ STARTTLS_PIPELINED = Reply(554, "5.5.1", "Commands pipelined after STARTTLS are 
 
 # --- ETRN -------------------------------------------------------------------
 ETRN_STARTED = Reply(250, "2.0.0", "Queuing started")
-ETRN_NOT_AVAILABLE = Reply(458, "4.5.0", "Unable to queue messages for node")
+ETRN_NOT_AVAILABLE = Reply(458, "4.5.0", "Unable to queue messages for node: ETRN is for trusted clients")
 
 
 def all_replies() -> dict[str, Reply]:

@@ -115,7 +115,10 @@ def maildir_messages(ctx: ServerContext, mailbox: str) -> list[bytes]:
 
 
 def body_of(message: bytes) -> bytes:
-    """The stored message without the Received header mailguard prepends."""
+    """The stored message without the Return-Path and Received headers
+    mailguard prepends."""
+    assert message.startswith(b"Return-Path: <")
+    message = message[message.index(b"\r\n") + 2:]
     assert message.startswith(b"Received: ")
     # The header ends with ";" CRLF TAB date CRLF (the body may itself
     # start with whitespace, so folding cannot tell where it ends).

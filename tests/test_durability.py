@@ -8,7 +8,7 @@ the clients record each id whose final dot got its ``250``.  Mid-run the
 server is killed with SIGKILL.  Then:
 
 - every acknowledged message is in every destination, byte for byte (the
-  Received header mailguard adds, then exactly what the client sent);
+  Return-Path and Received headers mailguard adds, then exactly what the client sent);
 - every file in any ``new/`` or ``cur/``, and every queued ``.eml``, is a
   complete message (acknowledged or not: a message whose ``250`` was lost in
   the kill may be there, but whole);
@@ -33,7 +33,7 @@ from pathlib import Path
 from tests.conftest import free_port, write_config
 
 SESSIONS = 10
-RECEIVED = re.compile(rb"\AReceived: from client\.test \(\[127\.0\.0\.2\]\)\r\n\tby mx\.example\.com with ESMTP id [^\r\n]+"
+RECEIVED = re.compile(rb"\AReturn-Path: <[^>\r\n]*>\r\nReceived: from client\.test \(\[127\.0\.0\.2\]\)\r\n\tby mx\.example\.com with ESMTP id [^\r\n]+"
                       rb"(?:\r\n\tfor <[^>\r\n]+>)?;\r\n\t[^\r\n]+\r\n")
 ID = re.compile(rb"X-Load-Id: (\S+)\r\n")
 
@@ -84,7 +84,7 @@ class Load:
 
 
 def _check_file(path: Path, load: Load) -> str:
-    """A complete message: the Received header, then exactly what a client
+    """A complete message: the Return-Path and Received headers, then exactly what a client
     sent.  Returns its id."""
     data = path.read_bytes()
     m = RECEIVED.match(data)

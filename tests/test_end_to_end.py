@@ -20,7 +20,7 @@ def test_delivers_to_maildir(twistd, tmp_path):
     files = server.maildir_files("john@example.com")
     assert len(files) == 1
     data = files[0].read_bytes()
-    assert data.startswith(b"Received: from client.test ([127.0.0.3])")
+    assert data.startswith(b"Return-Path: <a@sender.test>\r\nReceived: from client.test ([127.0.0.3])")
     assert b"Hello John.\r\n.leading dot\r\n" in data
     assert b"Twisted" not in data
 

@@ -143,7 +143,15 @@ def test_mail_before_helo_refused(ctx):
 
 def received(ctx, mailbox=JOHN) -> str:
     msg = maildir_messages(ctx, mailbox)[-1]
+    msg = msg[msg.index(b"Received: "):]
     return msg[: msg.index(b";")].decode()
+
+
+def test_return_path_records_the_envelope_sender(ctx):
+    s = ehlo(ctx)
+    transaction(s)
+    s.send("hi\r\n.\r\n")
+    assert maildir_messages(ctx, JOHN)[-1].startswith(b"Return-Path: <a@sender.test>\r\nReceived: ")
 
 
 def test_received_header_esmtp_after_ehlo(ctx):
@@ -834,3 +842,48 @@ def test_reads_grow_only_while_a_large_message_arrives(ctx):
     assert s.codes(s.send(".\r\n")) == ["250 2.0.0"]
     assert s.transport.bufferSize == 65536
     assert len(body_of(maildir_messages(ctx, JOHN)[0])) == 80 * 4000
+
+
+# --- found in review: limits that must hold ------------------------------------
+
+def test_input_is_not_buffered_without_limit_while_a_check_is_pending(tmp_path):
+    """A client that keeps sending while its RCPT is being checked is
+    paused (TCP backpressure), not buffered without bound."""
+    from mailguard.protocol import INPUT_HOLD_MAX
+
+    slow = SlowRecipients()
+    s = ehlo(make_context(tmp_path, recipients=slow))
+    s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<one@example.com>\r\n")
+    assert s.transport.producerState == "producing"
+    for _ in range(INPUT_HOLD_MAX // 4096 + 2):
+        s.proto.dataReceived(b"x" * 4096)
+    assert s.transport.producerState == "paused"
+    slow.answer(True)  # the check ends; the junk is discarded as an over-long line
+    assert s.transport.producerState == "producing"
+    assert len(s.proto._buffer) <= 4096 * 2
+
+
+def test_vrfy_while_disabled_counts_as_an_error(tmp_path):
+    ctx = make_context(tmp_path, {"VRFYEnabled": "0"})
+    s = ehlo(ctx)
+    for _ in range(ctx.config.max_errors):
+        assert s.codes(s.cmd("VRFY john")) == ["502 5.5.1"]
+    assert s.codes(s.cmd("VRFY john")) == ["421 4.7.0"]
+    assert s.transport.disconnecting
+
+
+def test_malformed_vrfy_from_a_trusted_client_counts_as_an_error(tmp_path):
+    ctx = make_context(tmp_path)
+    s = ehlo(ctx, ip="127.0.0.2")
+    for _ in range(ctx.config.max_errors):
+        assert s.codes(s.cmd("VRFY")) == ["501 5.5.4"]
+    assert s.codes(s.cmd("VRFY")) == ["421 4.7.0"]
+
+
+def test_zero_idle_timeout_and_session_time_mean_no_limit(tmp_path):
+    ctx = make_context(tmp_path, {"SmtpIdleTimeout": "0", "SmtpMaxSessionTime": "0"})
+    s = ehlo(ctx)
+    assert ctx.clock.getDelayedCalls() == []
+    ctx.clock.advance(10 ** 6)
+    assert not s.transport.disconnecting
+    assert s.codes(s.cmd("NOOP")) == ["250 2.0.0"]

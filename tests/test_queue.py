@@ -855,8 +855,15 @@ def test_e2e_etrn_starts_a_queue_run(twistd, backend, tmp_path):
     time.sleep(0.5)
     assert b.messages() == []
     with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.3", 0), timeout=10) as c:
-        code, text = c.ehlo("client.test")
+        code, text = c.ehlo("stranger.test")
         assert b"ETRN" in text and b"DSN" in text
+        # An untrusted client cannot end the back-off (it could hammer the
+        # relay host and the disk).
+        assert c.docmd("ETRN", "remote.test") == (458, b"4.5.0 Unable to queue messages for node: ETRN is for trusted clients")
+    time.sleep(0.5)
+    assert b.messages() == []
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.2", 0), timeout=10) as c:
+        c.ehlo("gateway.test")
         assert c.docmd("ETRN", "remote.test")[0] == 250
     [(meta, data)] = b.wait(1, timeout=10)
     assert b"now" in data
@@ -916,7 +923,10 @@ def test_e2e_starttls_and_dsn_to_a_mailguard_backend(twistd, tmp_path):
         [got] = back.maildir_files("john@remote.test")
         data = got.read_bytes()
         # the back-end's Received header: ESMTPS = ESMTP over TLS
-        assert data.startswith(b"Received: from mx.example.com ([127.0.0.1])\r\n\tby backend.test with ESMTPS")
+        # Our Return-Path stayed here; the back-end wrote its own (one).
+        assert data.startswith(b"Return-Path: <jane@example.com>\r\n"
+                               b"Received: from mx.example.com ([127.0.0.1])\r\n\tby backend.test with ESMTPS")
+        assert data.count(b"Return-Path:") == 1
         # NOTIFY=SUCCESS travelled: the back-end queued a "delivered" DSN for
         # jane@example.com (it has no relay host, so it holds it) ...
         active = back.spool / "queue" / "active"
