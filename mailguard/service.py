@@ -151,5 +151,8 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor) ->
         svc._raiseSynchronously = True
         svc.setName(listener)
         svc.setServiceParent(top)
+    if opts["submission"] and context.tls is None:
+        log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
+                 "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")
     raise_fd_limit()
     return top
