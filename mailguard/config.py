@@ -106,6 +106,7 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("SmtpMaxRecipients", "max_recipients", parse_uint, False),
     Scalar("SmtpMaxErrors", "max_errors", parse_uint, False),
     Scalar("SmtpVrfyLimit", "vrfy_limit", parse_uint, False),
+    Scalar("SmtpMaxAuthFailures", "max_auth_failures", parse_uint, False),
     Scalar("SecurityLogMaxBytes", "security_log_max_bytes", parse_uint, False),
     # gateway mode (mailguard.gateway; docs/gateway.md)
     Scalar("GatewayEnabled", "gateway_enabled", parse_bool, False),
@@ -153,6 +154,7 @@ class Configuration:
     max_recipients: int = 1000
     max_errors: int = 20
     vrfy_limit: int = 20
+    max_auth_failures: int = 5
     security_log_max_bytes: int = 10 * 1024 * 1024
     gateway_enabled: bool = False
     gateway_domains: tuple[str, ...] = ()  # empty: every Domain (and alias)

@@ -54,7 +54,7 @@ JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN before each counts as an error (
 # Failed AUTH attempts per session: the n-th is answered after n seconds,
 # the last closes the session.  Not 3: smtplib and mail clients try every
 # advertised mechanism with one wrong password before giving up.
-AUTH_FAILURE_LIMIT = 5
+AUTH_FAILURE_LIMIT = 5  # the default of SmtpMaxAuthFailures
 _EMPTY = b""
 
 
@@ -125,6 +125,8 @@ class MailguardESMTP(smtp.ESMTP):
         refusal = ctx.connections.open(self)
         if refusal is not None:
             self.mode = CLOSED
+            event = "too-many-from-ip" if refusal is R.TOO_MANY_FROM_IP else "too-many-connections"
+            ctx.security_log.record(event, self.session.client_ip, self.session.client_port, 0.0, b"")
             self._send(refusal)
             self.transport.loseConnection()
             return
@@ -970,7 +972,7 @@ class MailguardESMTP(smtp.ESMTP):
             return self._send(R.AUTH_OK)
         self._auth_failures += 1
         log.info("AUTH failed from {ip} ({n})", ip=self.session.client_ip, n=self._auth_failures)
-        if self._auth_failures >= AUTH_FAILURE_LIMIT:
+        if self._auth_failures >= max(1, ctx.config.max_auth_failures):
             return self._close_with(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
         # Slow down guessing: answer after 1 s, 2 s, ...
         d = defer.Deferred()

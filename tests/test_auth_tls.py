@@ -371,6 +371,13 @@ def test_repeated_failures_slow_down_then_close(ctx):
     assert ctx.clock.getDelayedCalls() == []
 
 
+def test_auth_failure_limit_is_a_setting(tmp_path):
+    ctx = make_context(tmp_path, {"SmtpMaxAuthFailures": "2"}, tls=TLS)
+    s = tls_session(ctx)
+    assert_failed_after_delay(s, ctx, 1, s.cmd("AUTH PLAIN " + plain(JOHN, "bad1")))
+    assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "bad2"))) == ["421 4.7.0"] and s.closed
+
+
 def test_disconnect_during_slow_down(ctx):
     s = tls_session(ctx)
     s.cmd("AUTH PLAIN " + plain(JOHN, "bad"))
