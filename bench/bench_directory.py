@@ -135,7 +135,7 @@ def main() -> None:
     grown = rss_mb() - before
     assert not problems, problems[:3]
     assert len(directory) == n
-    print(f"\nmailguard UserDirectory")
+    print("\nmailguard UserDirectory")
     print(f"  build           {build_s:8.2f} s   ({n / build_s:,.0f} users/s)")
     print(f"  RSS growth      {grown:8.1f} MB  ({grown * 2**20 / n:,.0f} bytes/user)")
     size = deep_size(directory)
@@ -162,7 +162,7 @@ def main() -> None:
     get = peer.get
     peer_hit = rate(lambda a: get(a.lower()), hits)
     peer_miss = rate(lambda a: get(a.lower()), misses)
-    print(f"\npeer: dict[str(lower), True]")
+    print("\npeer: dict[str(lower), True]")
     print(f"  build           {peer_build_s:8.2f} s")
     print(f"  RSS growth      {peer_grown:8.1f} MB  ({peer_grown * 2**20 / n:,.0f} bytes/user)")
     print(f"  lookup hits     {peer_hit:12,.0f} /s  ({1e6 / peer_hit:.2f} us)")

@@ -394,3 +394,30 @@ class VrfyPolicy:
 
 def _vrfy_known(address: str) -> Reply:
     return replies.VRFY_KNOWN.with_text(replies.VRFY_KNOWN.text.format(address=address))
+
+
+# --- session rules (plain functions: no state of their own) -------------------
+
+
+def auth_mechanisms(session: Session, passwords) -> list[str]:
+    """The SASL mechanisms to offer now.  PLAIN and LOGIN send the password
+    itself, so only under TLS (STARTTLS done, or the smtps listener);
+    CRAM-MD5 needs the plain-text password on our side, so only where some
+    enabled user has one.  None at all without a password checker."""
+    if passwords is None:
+        return []
+    mechs = []
+    if passwords.has_plaintext_passwords():
+        mechs.append("CRAM-MD5")
+    if session.tls:
+        mechs += ["PLAIN", "LOGIN"]
+    return mechs
+
+
+def mail_refusal(session: Session) -> Reply | None:
+    """Why MAIL may not start a transaction, or None.  The submission
+    listener (RFC 6409) takes mail only from authenticated users."""
+    if session.listener == "submission" and not session.authenticated:
+        return replies.AUTH_REQUIRED
+    return None
+

@@ -34,7 +34,7 @@ from twisted.mail import smtp
 from mailguard import replies as R
 from mailguard.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from mailguard.delivery import Envelope
-from mailguard.policy import Session
+from mailguard.policy import Session, auth_mechanisms, mail_refusal
 
 log = Logger()
 
@@ -90,7 +90,6 @@ class MailguardESMTP(smtp.ESMTP):
     _normal_read_size = None  # the transport's recv size, while a large DATA reads more
     _data_at_line_start = True
     _discard_line = False
-    _completed_transaction = False
     _tls_active = False
     _in_process = False
     _paused = False  # reading paused while a check is pending (backpressure)
@@ -497,13 +496,13 @@ class MailguardESMTP(smtp.ESMTP):
 
     # -- mail transaction ------------------------------------------------------------
     def smtp_MAIL(self, arg: str) -> None:
-        ctx = self.factory.context
         if not self._helo_done:
             return self._error(R.NEED_EHLO)
         if self._mail_from is not None:
             return self._error(R.NESTED_MAIL)
-        if self.factory.listener == "submission" and not self.session.authenticated:
-            return self._error(R.AUTH_REQUIRED)
+        refusal = mail_refusal(self.session)
+        if refusal is not None:
+            return self._error(refusal)
         try:
             sender, params = parse_mail_from(arg)
         except AddressError as e:
@@ -769,7 +768,6 @@ class MailguardESMTP(smtp.ESMTP):
         d = message.commit()
 
         def stored(_):
-            self._completed_transaction = True
             if self._was_held:  # it waited out the delay (pass cache)
                 ctx.greeting.passed(self.session)
             log.info("accepted {id} from <{sender}> ({ip}) to {rcpts}", id=envelope.message_id,
@@ -818,15 +816,7 @@ class MailguardESMTP(smtp.ESMTP):
 
     # -- AUTH ------------------------------------------------------------------------
     def auth_mechanisms(self) -> list[str]:
-        ctx = self.factory.context
-        if ctx.passwords is None:
-            return []
-        mechs = []
-        if self._tls_active:
-            mechs += ["PLAIN", "LOGIN"]
-        if ctx.passwords.has_plaintext_passwords():
-            mechs.insert(0, "CRAM-MD5")
-        return mechs
+        return auth_mechanisms(self.session, self.factory.context.passwords)
 
     def smtp_AUTH(self, arg: str) -> None:
         if not self._helo_done:

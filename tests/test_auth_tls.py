@@ -496,12 +496,12 @@ def test_auth_does_not_grant_relay_when_disabled(tmp_path):
 def test_received_header_marks_authenticated_sessions(ctx):
     s = tls_session(ctx)
     s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))
-    s.send(f"MAIL FROM:<john@example.com>\r\nRCPT TO:<jane@example.com>\r\nDATA\r\nhi\r\n.\r\n")
+    s.send("MAIL FROM:<john@example.com>\r\nRCPT TO:<jane@example.com>\r\nDATA\r\nhi\r\n.\r\n")
     assert b" with ESMTPSA id " in maildir_messages(ctx, "jane@example.com")[0]
     s2, _ = connect(ctx)
     s2.cmd("EHLO client.test")
     s2.cmd(cram_response(s2.cmd("AUTH CRAM-MD5"), JOHN, "john-secret"))
-    s2.send(f"MAIL FROM:<john@example.com>\r\nRCPT TO:<jane@example.com>\r\nDATA\r\nhi\r\n.\r\n")
+    s2.send("MAIL FROM:<john@example.com>\r\nRCPT TO:<jane@example.com>\r\nDATA\r\nhi\r\n.\r\n")
     stored = maildir_messages(ctx, "jane@example.com")
     assert any(b" with ESMTPA id " in m for m in stored)
     # The Received header names no user (the Return-Path before it is the

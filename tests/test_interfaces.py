@@ -3,7 +3,6 @@ included."""
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -14,7 +13,7 @@ from mailguard.greeting import GreetingPolicy
 from mailguard.passwords import PasswordChecker
 from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.seclog import SecurityLog
-from mailguard.testing import FakeUserDirectory, make_context
+from mailguard.testing import FakeUserDirectory
 
 
 def _implementers(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 from twisted.application.service import IServiceMaker
@@ -87,3 +86,21 @@ def test_gateway_mode_needs_relay_host(tmp_path):
     cfg = write_config(tmp_path / "mailserver.cfg", {"GatewayEnabled": "1"})
     with pytest.raises(usage.UsageError, match="relay-host"):
         tap.Options().parseOptions(["--config", str(cfg)])
+
+
+def test_submission_without_tls_warns(tmp_path):
+    """Without TLS, PLAIN/LOGIN are never offered: say so at start-up."""
+    from twisted.internet import reactor  # built, never started: nothing listens
+    from twisted.logger import globalLogPublisher
+
+    from mailguard import config as config_mod
+    from mailguard.service import build_service
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        build_service(config_mod.load(None), {"spool": str(tmp_path), "submission": "tcp:0:interface=127.0.0.1"},
+                      reactor)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("--submission without --tls-cert" in e.get("log_format", "") for e in events)

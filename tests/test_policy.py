@@ -775,3 +775,41 @@ def test_untrusted_never_relays(text):
 def test_untrusted_vrfy_reveals_nothing(text):
     reply = result_of(VrfyPolicy(True, ExplodingDirectory(), trust()).answer(UNTRUSTED, text))
     assert reply in (replies.VRFY_WITHHELD, replies.SYNTAX_ERROR)
+
+
+# --- session rules -------------------------------------------------------------
+
+class _Passwords:
+    def __init__(self, plaintext: bool):
+        self.plaintext = plaintext
+
+    def has_plaintext_passwords(self) -> bool:
+        return self.plaintext
+
+
+@pytest.mark.parametrize("listener, tls, plaintext, expected", [
+    ("smtp", False, False, []),
+    ("smtp", False, True, ["CRAM-MD5"]),
+    ("smtp", True, False, ["PLAIN", "LOGIN"]),
+    ("smtp", True, True, ["CRAM-MD5", "PLAIN", "LOGIN"]),
+    ("smtps", True, True, ["CRAM-MD5", "PLAIN", "LOGIN"]),
+    ("submission", False, True, ["CRAM-MD5"]),
+])
+def test_auth_mechanisms(listener, tls, plaintext, expected):
+    from mailguard.policy import auth_mechanisms
+
+    session = Session("127.0.0.3", 1, listener, tls=tls)
+    assert auth_mechanisms(session, _Passwords(plaintext)) == expected
+    assert auth_mechanisms(session, None) == []
+
+
+@pytest.mark.parametrize("listener, authenticated, expected", [
+    ("smtp", None, None),
+    ("smtps", None, None),
+    ("submission", None, replies.AUTH_REQUIRED),
+    ("submission", "john@example.com", None),
+])
+def test_mail_refusal(listener, authenticated, expected):
+    from mailguard.policy import mail_refusal
+
+    assert mail_refusal(Session("127.0.0.3", 1, listener, authenticated=authenticated)) == expected
