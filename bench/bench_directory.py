@@ -27,9 +27,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mailguard.directory import LookupStatus, build  # noqa: E402
-from mailguard.problems import Where  # noqa: E402
-from mailguard.records import AliasRecord, DomainRecord, UserRecord  # noqa: E402
+from mailguard.policy.directory import LookupStatus, build  # noqa: E402
+from mailguard.config.problems import Where  # noqa: E402
+from mailguard.config.records import AliasRecord, DomainRecord, UserRecord  # noqa: E402
 
 DOMAINS = 100
 QUERIES = 200_000

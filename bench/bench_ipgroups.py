@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mailguard.ipgroups import build  # noqa: E402
-from mailguard.records import IpGroupRow  # noqa: E402
+from mailguard.policy.ipgroups import build  # noqa: E402
+from mailguard.config.records import IpGroupRow  # noqa: E402
 
 GROUP = "Big"
 V6_BASE = int(ipaddress.IPv6Address("2001:db8::"))

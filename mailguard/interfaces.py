@@ -1,9 +1,9 @@
 """The seams of mailguard: interfaces only.
 
-The ESMTP protocol (``mailguard.protocol``) holds no policy of its own: it
-gathers facts about the session (``mailguard.policy.Session``) and asks the
+The ESMTP protocol (``mailguard.smtpd.protocol``) holds no policy of its own: it
+gathers facts about the session (``mailguard.policy.decide.Session``) and asks the
 objects below.  Each has a real implementation and, where useful, an
-in-memory fake in ``mailguard.testing``; ``tests/test_interfaces.py`` runs
+in-memory fake in ``mailguard.testing``; ``tests/unit/test_interfaces.py`` runs
 ``verifyObject`` on every one of them.
 """
 
@@ -33,7 +33,7 @@ class IUserDirectory(Interface):
     def lookup(address):
         """Resolve C{address} ("local@domain", any case).
 
-        @return: a L{mailguard.directory.Lookup} whose C{status} is one of
+        @return: a L{mailguard.policy.directory.Lookup} whose C{status} is one of
             KNOWN, UNKNOWN, DISABLED, NOT_LOCAL.
         """
 
@@ -65,7 +65,7 @@ class ITrustPolicy(Interface):
     """SPEC "Trust": relay IP group, or SMTP AUTH."""
 
     def is_trusted(session):
-        """True if C{session} (a L{mailguard.policy.Session}) is trusted."""
+        """True if C{session} (a L{mailguard.policy.decide.Session}) is trusted."""
 
 
 class IRecipientPolicy(Interface):
@@ -74,9 +74,9 @@ class IRecipientPolicy(Interface):
     def check_recipient(session, recipient):
         """Decide one recipient.
 
-        @param session: L{mailguard.policy.Session}
-        @param recipient: L{mailguard.addresses.Mailbox}
-        @return: a Deferred firing with a L{mailguard.policy.RecipientVerdict}.
+        @param session: L{mailguard.policy.decide.Session}
+        @param recipient: L{mailguard.policy.addresses.Mailbox}
+        @return: a Deferred firing with a L{mailguard.policy.decide.RecipientVerdict}.
         """
 
 
@@ -89,7 +89,7 @@ class IRecipientGateway(Interface):
 
     def check(mailbox):
         """A Deferred that always fires with a
-        L{mailguard.policy.RecipientVerdict} (450 when the back-end cannot
+        L{mailguard.policy.decide.RecipientVerdict} (450 when the back-end cannot
         be asked)."""
 
 
@@ -104,7 +104,7 @@ class IGreetingPolicy(Interface):
     """Decides how a new connection is greeted (Kerio's spam repellent)."""
 
     def decide(session):
-        """A L{mailguard.greeting.GreetingDecision} for a new connection."""
+        """A L{mailguard.policy.greeting.GreetingDecision} for a new connection."""
 
     def passed(session):
         """The client of C{session} waited out the delay and completed a
@@ -137,7 +137,7 @@ class IMessageStore(Interface):
 
     def begin(envelope):
         """An L{IIncomingMessage} for C{envelope}
-        (a L{mailguard.delivery.Envelope})."""
+        (a L{mailguard.store.maildir.Envelope})."""
 
 
 class IRelayQueue(Interface):

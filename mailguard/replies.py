@@ -2,7 +2,7 @@
 
 A reply is a basic code (RFC 5321), an enhanced status code (RFC 3463,
 advertised as ENHANCEDSTATUSCODES per RFC 2034) and a text.  Tests compare
-against these names, and ``tests/test_replies.py`` checks that the class of
+against these names, and ``tests/unit/test_replies.py`` checks that the class of
 the basic code and of the enhanced code agree, so a typo cannot send
 ``250 5.1.1``.
 """

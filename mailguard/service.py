@@ -4,7 +4,7 @@
 ``mailguard.tap``) and what an application embedding mailguard imports::
 
     from mailguard.service import build_service
-    from mailguard.config import load
+    from mailguard.config.settings import load
     service = build_service(load("mailserver.cfg"), {"smtp": "tcp:25"}, reactor)
     service.setServiceParent(application)
 """
@@ -20,17 +20,17 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailguard.config import Configuration
-from mailguard.delivery import MaildirStore, disk_runner, run_in_thread
-from mailguard.factory import MailguardFactory, ServerContext
-from mailguard.gateway import build_gateway, gateway_vrfy
-from mailguard.greeting import GreetingPolicy
-from mailguard.passwords import PasswordChecker
-from mailguard.queue import RelayQueue, client_tls, directory_router, parse_relay_host
-from mailguard.proxy import ProxyHeaderFactory
-from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
-from mailguard.seclog import SecurityLog
-from mailguard import tls as tls_mod
+from mailguard.config.settings import Configuration
+from mailguard.store.maildir import MaildirStore, disk_runner, run_in_thread
+from mailguard.smtpd.factory import MailguardFactory, ServerContext
+from mailguard.gateway.gateway import build_gateway, gateway_vrfy
+from mailguard.policy.greeting import GreetingPolicy
+from mailguard.policy.passwords import PasswordChecker
+from mailguard.store.queue import RelayQueue, client_tls, directory_router, parse_relay_host
+from mailguard.smtpd.proxy import ProxyHeaderFactory
+from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
+from mailguard.smtpd.seclog import SecurityLog
+from mailguard.smtpd import tls as tls_mod
 
 log = Logger()
 
@@ -99,7 +99,7 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor) ->
 
 def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: str,
                 gateway=None) -> RelayQueue:
-    """The relay queue (mailguard.queue) for --relay-host and the Queue*
+    """The relay queue (mailguard.store.queue) for --relay-host and the Queue*
     settings; fsync work runs in its own thread pool."""
     relay_host = parse_relay_host(opts.get("relay-host"))
     tls = None
@@ -136,7 +136,7 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor) ->
             continue
         # haproxy:ENDPOINT is handled here, not by Twisted's parser: the
         # session must start only once the PROXY header names the client
-        # (mailguard.proxy).
+        # (mailguard.smtpd.proxy).
         proxied = desc.startswith("haproxy:")
         inner = desc[len("haproxy:"):] if proxied else desc
         factory = MailguardFactory(context, listener)

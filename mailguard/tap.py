@@ -7,8 +7,8 @@ import re
 
 from twisted.python import usage
 
-from mailguard import config as config_mod
-from mailguard.problems import ConfigError, errors
+from mailguard.config import settings as config_mod
+from mailguard.config.problems import ConfigError, errors
 from mailguard.service import DEFAULTS, build_service
 
 
@@ -55,7 +55,7 @@ class Options(usage.Options):
                 "GatewayEnabled is 1 but there is no --relay-host: accepted mail "
                 "could not be forwarded to the back-end (see docs/gateway.md)")
         if self["tls-cert"]:
-            from mailguard.tls import TLSConfigError, load_context
+            from mailguard.smtpd.tls import TLSConfigError, load_context
 
             try:
                 load_context(self["tls-cert"], self["tls-key"])

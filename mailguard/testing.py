@@ -2,7 +2,7 @@
 code built on it (in the manner of C{txacme.testing}).
 
 Each fake implements its interface fully and passes the same contract tests
-as the real implementation (see C{tests/test_directory.py}), so a test that
+as the real implementation (see C{tests/unit/policy/test_directory.py}), so a test that
 uses a fake tests real behaviour.  Keep one section per interface, in the
 order of L{mailguard.interfaces}.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from zope.interface import implementer
 
-from mailguard.directory import Lookup, LookupStatus, normalise_domain, split_address
+from mailguard.policy.directory import Lookup, LookupStatus, normalise_domain, split_address
 from mailguard.interfaces import IUserDirectory
 
 __all__ = ["FakeUserDirectory", "connect", "make_context"]
@@ -100,7 +100,7 @@ class FakeUserDirectory:
 
 
 def make_context(config=None, *, clock=None, spool=None, **overrides):
-    """A L{mailguard.factory.ServerContext} with the real policies built from
+    """A L{mailguard.smtpd.factory.ServerContext} with the real policies built from
     C{config} (default: the embedded example), a C{task.Clock}, a Maildir
     store under C{spool} whose disk work runs inline, and an unthreaded
     security log.  C{overrides} replace any context field (a fake policy,
@@ -112,13 +112,13 @@ def make_context(config=None, *, clock=None, spool=None, **overrides):
 
     from twisted.internet.task import Clock
 
-    from mailguard import config as config_mod
-    from mailguard.delivery import MaildirStore, run_inline
-    from mailguard.factory import ServerContext
-    from mailguard.greeting import GreetingPolicy
-    from mailguard.passwords import PasswordChecker
-    from mailguard.policy import RecipientPolicy, TrustPolicy, VrfyPolicy
-    from mailguard.seclog import SecurityLog
+    from mailguard.config import settings as config_mod
+    from mailguard.store.maildir import MaildirStore, run_inline
+    from mailguard.smtpd.factory import ServerContext
+    from mailguard.policy.greeting import GreetingPolicy
+    from mailguard.policy.passwords import PasswordChecker
+    from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
+    from mailguard.smtpd.seclog import SecurityLog
 
     config = config if config is not None else config_mod.load(None)
     clock = clock if clock is not None else Clock()
@@ -147,7 +147,7 @@ def connect(context, client_ip="127.0.0.3", client_port=40000, listener="smtp"):
     from twisted.internet.address import IPv4Address, IPv6Address
     from twisted.internet.testing import StringTransport
 
-    from mailguard.factory import MailguardFactory
+    from mailguard.smtpd.factory import MailguardFactory
 
     factory = MailguardFactory(context, listener)
     address_type = IPv6Address if ":" in client_ip else IPv4Address

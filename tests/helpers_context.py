@@ -1,7 +1,7 @@
 """Build a real ``ServerContext`` for protocol unit tests, and drive sessions
 over a ``StringTransport`` with a ``task.Clock``.
 
-Everything here is real (configuration loaded with ``mailguard.config.load``,
+Everything here is real (configuration loaded with ``mailguard.config.settings.load``,
 the real policies, a ``MaildirStore`` in a temporary directory running its
 disk work inline) except the clock and the transport.
 """
@@ -17,11 +17,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from mailguard import config as config_mod
+from mailguard.config import settings as config_mod
 from mailguard import testing
-from mailguard.delivery import run_inline
-from mailguard.factory import MailguardFactory, ServerContext
-from mailguard.seclog import SecurityLog
+from mailguard.store.maildir import run_inline
+from mailguard.smtpd.factory import MailguardFactory, ServerContext
+from mailguard.smtpd.seclog import SecurityLog
 from tests.conftest import USERS, write_config  # noqa: F401  (re-exported for tests)
 
 

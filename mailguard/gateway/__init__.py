@@ -1,0 +1,1 @@
+"""Anti-spam gateway mode: ask the back-end (VRFY, cached) before accepting."""

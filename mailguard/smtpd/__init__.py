@@ -1,0 +1,1 @@
+"""The SMTP server: framing, the session, and the Twisted adapter around it."""

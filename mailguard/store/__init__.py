@@ -1,0 +1,1 @@
+"""Durable storage: Maildirs, the relay queue, its SMTP client and DSNs."""

@@ -1,0 +1,106 @@
+"""The twistd plugin: discovered, documented, and fails early on bad options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from mailguard import tap
+from tests.conftest import ROOT, TWISTD, write_config
+
+
+def _twistd(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([TWISTD, *args], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+
+
+def test_plugin_is_discovered():
+    names = [p.tapname for p in getPlugins(IServiceMaker)]
+    assert "mailguard" in names
+
+
+def test_twistd_help_lists_mailguard():
+    out = _twistd("--help")
+    assert out.returncode == 0
+    assert "mailguard" in out.stdout
+
+
+def test_mailguard_help_documents_every_option():
+    out = _twistd("-n", "mailguard", "--help")
+    assert out.returncode == 0, out.stderr
+    for option in ("--config", "--users", "--smtp", "--smtps", "--submission", "--tls-cert",
+                   "--tls-key", "--spool", "--security-log", "--relay-host"):
+        assert option in out.stdout, option
+
+
+def test_no_init_in_twisted_plugins():
+    assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
+    assert not (ROOT / "twisted" / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tls-cert", "x.pem"], "go together"),
+    (["--smtps", "tcp:4650"], "--smtps needs"),
+    (["--relay-host", "nohost"], "HOST:PORT"),
+    (["--smtp", "2525"], "endpoint description"),
+])
+def test_bad_options_fail_early(argv, message):
+    with pytest.raises(usage.UsageError, match=message):
+        tap.Options().parseOptions(argv)
+
+
+def test_bad_config_is_a_usage_error_with_file_line(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg", {"MaxMessageSize": "lots"})
+    with pytest.raises(usage.UsageError) as e:
+        tap.Options().parseOptions(["--config", str(cfg)])
+    assert f"{cfg}:" in str(e.value)
+    assert "MaxMessageSize" in str(e.value)
+
+
+def test_bad_config_twistd_exits_nonzero_without_traceback(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg", {"VRFYEnabled": "yes"})
+    out = _twistd("-n", "mailguard", "--config", str(cfg))
+    assert out.returncode != 0
+    assert "VRFYEnabled" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_default_config_is_the_example():
+    assert (ROOT / "mailguard" / "config" / "default.cfg").read_bytes() == (ROOT / "mailserver.cfg.example").read_bytes()
+
+
+def test_options_default_config_loads():
+    opts = tap.Options()
+    opts.parseOptions([])
+    assert opts.config.hostname == "mail.example.com"
+    assert opts["smtp"] == "tcp:2525:interface=127.0.0.1"
+
+
+def test_gateway_mode_needs_relay_host(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg", {"GatewayEnabled": "1"})
+    with pytest.raises(usage.UsageError, match="relay-host"):
+        tap.Options().parseOptions(["--config", str(cfg)])
+
+
+def test_submission_without_tls_warns(tmp_path):
+    """Without TLS, PLAIN/LOGIN are never offered: say so at start-up."""
+    from twisted.internet import reactor  # built, never started: nothing listens
+    from twisted.logger import globalLogPublisher
+
+    from mailguard.config import settings as config_mod
+    from mailguard.service import build_service
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        build_service(config_mod.load(None), {"spool": str(tmp_path), "submission": "tcp:0:interface=127.0.0.1"},
+                      reactor)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("--submission without --tls-cert" in e.get("log_format", "") for e in events)
