@@ -26,7 +26,8 @@ from mailguard.smtpd.factory import MailguardFactory, ServerContext
 from mailguard.gateway.gateway import build_gateway, gateway_vrfy
 from mailguard.policy.greeting import GreetingPolicy
 from mailguard.policy.passwords import PasswordChecker
-from mailguard.store.queue import RelayQueue, client_tls, directory_router, parse_relay_host
+from mailguard.config.values import parse_host_port
+from mailguard.store.queue import RelayQueue, client_tls, directory_router
 from mailguard.smtpd.proxy import ProxyHeaderFactory
 from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.smtpd.seclog import SecurityLog
@@ -101,7 +102,7 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
                 gateway=None) -> RelayQueue:
     """The relay queue (mailguard.store.queue) for --relay-host and the Queue*
     settings; fsync work runs in its own thread pool."""
-    relay_host = parse_relay_host(opts.get("relay-host"))
+    relay_host = parse_host_port(opts["relay-host"]) if opts.get("relay-host") else None
     tls = None
     if relay_host is not None:
         tls = client_tls(relay_host[0], config.relay_tls_verify, config.relay_tls_ca_file)

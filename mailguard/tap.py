@@ -3,12 +3,11 @@ imported."""
 
 from __future__ import annotations
 
-import re
-
 from twisted.python import usage
 
 from mailguard.config import settings as config_mod
 from mailguard.config.problems import ConfigError, errors
+from mailguard.config.values import parse_host_port
 from mailguard.service import DEFAULTS, build_service
 
 
@@ -41,8 +40,11 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["smtps"] and not self["tls-cert"] and not self["smtps"].startswith("ssl:"):
             raise usage.UsageError("--smtps needs --tls-cert/--tls-key (or an ssl: endpoint)")
-        if self["relay-host"] and not re.fullmatch(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", self["relay-host"]):
-            raise usage.UsageError(f"--relay-host must be HOST:PORT, got {self['relay-host']!r}")
+        if self["relay-host"]:
+            try:
+                parse_host_port(self["relay-host"])
+            except ValueError as e:
+                raise usage.UsageError(f"--relay-host: {e}")
         for name in ("smtp", "smtps", "submission"):
             if self[name] and ":" not in self[name]:
                 raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")

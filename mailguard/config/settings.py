@@ -20,58 +20,24 @@ from importlib import resources
 from typing import Any, Callable
 
 from mailguard.config import kerioxml
-from mailguard.gateway.gateway import parse_backend, parse_bind_address, parse_connections, parse_domain_list, parse_timeout
+from mailguard.config.values import (
+    parse_bind_address,
+    parse_bool,
+    parse_connections,
+    parse_domain_list,
+    parse_hostname,
+    parse_list,
+    parse_optional_host_port,
+    parse_seconds,
+    parse_text,
+    parse_timeout,
+    parse_uint,
+)
 from mailguard.config.kerioxml import Collection, Document, Row
 from mailguard.config.problems import ConfigError, Problem, Where, errors
 from mailguard.config.records import AliasRecord, DomainRecord, IpGroupRow, UserRecord
 
 EMBEDDED_NAME = "<embedded default mailserver.cfg>"
-
-
-# --- value parsers: str -> value, raising ValueError with a message -----------
-
-def parse_bool(text: str) -> bool:
-    t = text.strip()
-    if t in ("1", "0"):
-        return t == "1"
-    raise ValueError(f"expected 0 or 1, got {text!r}")
-
-
-def parse_uint(text: str) -> int:
-    t = text.strip()
-    if not t.isdigit() or not t.isascii():
-        raise ValueError(f"expected a non-negative decimal number, got {text!r}")
-    return int(t)
-
-
-def parse_seconds(text: str) -> float:
-    t = text.strip()
-    try:
-        value = float(t)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and value < 86400 * 365) or t.lower() in ("nan", "inf"):
-        raise ValueError(f"expected a number of seconds, got {text!r}")
-    return value
-
-
-def parse_hostname(text: str) -> str:
-    t = text.strip().rstrip(".")
-    if not t or len(t) > 253 or any(
-        not label or len(label) > 63 or not all(c.isalnum() or c == "-" for c in label)
-        or label.startswith("-") or label.endswith("-") or not label.isascii()
-        for label in t.split(".")
-    ):
-        raise ValueError(f"not a valid host name: {text!r}")
-    return t.lower()
-
-
-def parse_text(text: str) -> str:
-    return text.strip()
-
-
-def parse_list(text: str) -> tuple[str, ...]:
-    return tuple(p.strip().lower() for p in text.replace(";", ",").split(",") if p.strip())
 
 
 @dataclass(frozen=True)
@@ -111,7 +77,7 @@ SCALARS: tuple[Scalar, ...] = (
     # gateway mode (mailguard.gateway.gateway; docs/gateway.md)
     Scalar("GatewayEnabled", "gateway_enabled", parse_bool, False),
     Scalar("GatewayDomains", "gateway_domains", parse_domain_list, False),
-    Scalar("GatewayBackend", "gateway_backend", parse_backend, False),
+    Scalar("GatewayBackend", "gateway_backend", parse_optional_host_port, False),
     Scalar("GatewayBindAddress", "gateway_bind_address", parse_bind_address, False),
     Scalar("GatewayConnections", "gateway_connections", parse_connections, False),
     Scalar("GatewayTimeout", "gateway_timeout", parse_timeout, False),

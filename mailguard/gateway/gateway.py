@@ -70,6 +70,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailguard import replies
+from mailguard.config.values import parse_host_port
 from mailguard.policy.addresses import AddressError, hidden_destination, parse_path, parse_vrfy_argument
 from mailguard.interfaces import IRecipientGateway, IVrfyPolicy
 from mailguard.policy.decide import RecipientVerdict
@@ -89,89 +90,9 @@ __all__ = [
     "backend_endpoint",
     "build_gateway",
     "gateway_vrfy",
-    "parse_backend",
-    "parse_bind_address",
-    "parse_connections",
-    "parse_timeout",
-    "parse_domain_list",
 ]
 
 log = Logger()
-
-
-# --- settings parsers (used by mailguard.config.settings's SCALARS) -------------------
-
-
-def parse_backend(text: str) -> tuple[str, int] | None:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); empty -> None."""
-    t = text.strip()
-    if not t:
-        return None
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", t)
-    if m is None:
-        raise ValueError(f"expected HOST:PORT (or [IPv6]:PORT), got {text!r}")
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    port_n = int(port)
-    if not 0 < port_n < 65536:
-        raise ValueError(f"port out of range in {text!r}")
-    if m.group(1):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"not an IPv6 address in {text!r}") from None
-        return host, port_n
-    try:
-        return str(ipaddress.IPv4Address(host)), port_n
-    except ValueError:
-        pass
-    from mailguard.config.settings import parse_hostname  # lazy: config imports this module
-
-    if host.rpartition(".")[2].isdigit():
-        raise ValueError(f"not an IPv4 address or a host name in {text!r}")
-    return parse_hostname(host), port_n
-
-
-def parse_bind_address(text: str) -> str:
-    """An IPv4 or IPv6 address (the source of connections to the
-    back-end), or empty for "let the system choose"."""
-    t = text.strip()
-    if not t:
-        return ""
-    try:
-        return str(ipaddress.ip_address(t))
-    except ValueError:
-        raise ValueError(f"expected an IP address, got {text!r}") from None
-
-
-def parse_domain_list(text: str) -> tuple[str, ...]:
-    """Comma- (or semicolon-) separated domain names, lower case."""
-    from mailguard.config.settings import parse_hostname  # lazy: config imports this module
-
-    out = []
-    for part in text.replace(";", ",").split(","):
-        if part.strip():
-            out.append(parse_hostname(part))
-    return tuple(dict.fromkeys(out))
-
-
-def parse_timeout(text: str) -> float:
-    """Seconds, more than 0 and at most 300."""
-    t = text.strip()
-    try:
-        value = float(t)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 300:
-        raise ValueError(f"expected a number of seconds from 0 (excluded) to 300, got {text!r}")
-    return value
-
-
-def parse_connections(text: str) -> int:
-    """The pool size: 1 to 100 connections."""
-    t = text.strip()
-    if not (t.isdigit() and t.isascii() and 1 <= int(t) <= 100):
-        raise ValueError(f"expected a number of connections from 1 to 100, got {text!r}")
-    return int(t)
 
 
 # --- values -------------------------------------------------------------------
@@ -1008,7 +929,7 @@ def build_gateway(config, options, reactor) -> Gateway | None:
     if not relay_host:
         raise ValueError("GatewayEnabled is 1 but there is no --relay-host: "
                          "accepted mail could not be forwarded to the back-end")
-    backend = config.gateway_backend or parse_backend(relay_host)
+    backend = config.gateway_backend or parse_host_port(relay_host)
     domains = gateway_domains(config)
     if not domains:
         raise ValueError("GatewayEnabled is 1 but no domain is listed (GatewayDomains or the Domain table)")

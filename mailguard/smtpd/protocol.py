@@ -996,7 +996,7 @@ class MailguardESMTP(smtp.ESMTP):
                 return self._error(R.SYNTAX_ERROR)
             domain = None
         else:
-            from mailguard.config.settings import parse_hostname
+            from mailguard.config.values import parse_hostname
 
             name = target[1:] if target.startswith("@") else target
             try:

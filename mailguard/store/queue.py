@@ -183,17 +183,6 @@ def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
     return min(retry_min * (2 ** max(attempts - 1, 0)), retry_max)
 
 
-def parse_relay_host(text: str | None) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
-    if not text:
-        return None
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"relay host must be HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 def directory_router(directory, gateway=None) -> Callable:
     """Where a DSN to C{address} goes: (local mailboxes, addresses to relay),
     or None when nothing can take it (an unknown or disabled local user).

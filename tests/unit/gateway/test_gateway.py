@@ -230,42 +230,6 @@ def check(gateway, net, address):
 # --- settings ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("127.0.0.1:2525", ("127.0.0.1", 2525)),
-    (" mx.Example.COM:25 ", ("mx.example.com", 25)),
-    ("[::1]:25", ("::1", 25)),
-    ("localhost:587", ("localhost", 587)),
-    ("", None),
-])
-def test_parse_backend(text, expected):
-    assert gw.parse_backend(text) == expected
-
-
-@pytest.mark.parametrize("text", ["mx.example.com", "host:0", "host:70000", "1.2.3.300:25",
-                                  "[zz]:25", "::1:25", "a b:25", "host:25x"])
-def test_parse_backend_refuses(text):
-    with pytest.raises(ValueError):
-        gw.parse_backend(text)
-
-
-def test_parse_other_settings():
-    assert gw.parse_bind_address(" 127.0.0.2 ") == "127.0.0.2"
-    assert gw.parse_bind_address("") == ""
-    with pytest.raises(ValueError):
-        gw.parse_bind_address("gateway.example.com")
-    assert gw.parse_domain_list("Example.com, example.NET.;other.test") == ("example.com", "example.net", "other.test")
-    with pytest.raises(ValueError):
-        gw.parse_domain_list("example.com, bad_domain!")
-    assert gw.parse_connections("8") == 8
-    for bad in ("0", "101", "-1", "x"):
-        with pytest.raises(ValueError):
-            gw.parse_connections(bad)
-    assert gw.parse_timeout("2.5") == 2.5
-    for bad in ("0", "301", "nan", "x", "-1"):
-        with pytest.raises(ValueError):
-            gw.parse_timeout(bad)
-
-
 def _load(variables: dict[str, str]):
     vars_xml = "".join(f'<variable name="{k}">{v}</variable>\n' for k, v in variables.items())
     xml = f"""<?xml version="1.0" encoding="UTF-8"?>

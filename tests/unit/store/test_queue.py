@@ -42,7 +42,6 @@ from mailguard.store.queue import (
     backoff,
     classify,
     directory_router,
-    parse_relay_host,
 )
 from tests.conftest import free_port, write_config
 
@@ -234,14 +233,6 @@ def test_verify_object(world):
 
 def test_backoff_doubles_up_to_the_maximum():
     assert [backoff(n, 300, 14400) for n in range(1, 9)] == [300, 600, 1200, 2400, 4800, 9600, 14400, 14400]
-
-
-def test_parse_relay_host():
-    assert parse_relay_host("mx.test:25") == ("mx.test", 25)
-    assert parse_relay_host("[::1]:2525") == ("::1", 2525)
-    assert parse_relay_host(None) is None
-    with pytest.raises(ValueError):
-        parse_relay_host("mx.test")
 
 
 @pytest.mark.parametrize("outcome, expected", [
