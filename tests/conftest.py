@@ -160,3 +160,12 @@ def write_config(path: Path, variables: dict[str, str] | None = None, body: str 
     lines += [body, "</config>", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ starts real processes: mark it ``e2e``
+    so ``pytest -m "not e2e"`` is the fast loop."""
+    e2e = ROOT / "tests" / "e2e"
+    for item in items:
+        if e2e in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
