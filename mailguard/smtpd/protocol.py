@@ -34,7 +34,8 @@ from twisted.mail import smtp
 from mailguard import replies as R
 from mailguard.policy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from mailguard.store.maildir import Envelope
-from mailguard.policy.decide import Session, auth_mechanisms, mail_refusal
+from mailguard.policy.rules import auth_mechanisms, mail_refusal
+from mailguard.policy.session import Session
 
 log = Logger()
 
@@ -502,7 +503,7 @@ class MailguardESMTP(smtp.ESMTP):
             return self._error(R.NESTED_MAIL)
         refusal = mail_refusal(self.session)
         if refusal is not None:
-            return self._error(refusal)
+            return self._error(refusal.reply)
         try:
             sender, params = parse_mail_from(arg)
         except AddressError as e:

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from mailguard import replies as R
 from mailguard.config.settings import load
 from mailguard.policy.greeting import GREET_NOW, GreetingPolicy, PassCache
-from mailguard.policy.decide import Session
+from mailguard.policy.session import Session
 from mailguard.testing import connect, make_context
 from tests.conftest import write_config
 
