@@ -33,6 +33,8 @@ from mailguard.interfaces import (
     IVrfyPolicy,
 )
 from mailguard.policy.build import Policies
+from mailguard.policy.rules import connection_limit_exempt
+from mailguard.policy.session import Session
 from mailguard.smtpd.protocol import MailguardESMTP
 
 
@@ -42,46 +44,48 @@ class Connections:
     ``SmtpMaxConnectionsPerIp``; 0 is no limit).
 
     The total limit applies to everyone: it protects the process (file
-    descriptors, memory).  The per-IP limit does not apply to trusted
-    clients (the relay IP group) nor to the ``SmtpGreetingDelayExceptions``
-    group, as Postfix exempts ``$mynetworks`` from its per-client limits:
-    a gateway or a NATed office legitimately opens many connections.  The
-    exemption is looked up only when the limit would refuse, so the common
-    path costs a counter increment.
+    descriptors, memory).  Who is exempt from the per-IP limit is the
+    policy's decision (L{mailguard.policy.rules.connection_limit_exempt}),
+    asked only when the limit would refuse, so the common path costs a
+    counter increment.
 
     ``stopping`` is set when the reactor begins to shut down, so that the
     connections it then closes are not mistaken for clients that gave up
     waiting for the greeting.
     """
 
-    def __init__(self, max_total: int, max_per_ip: int) -> None:
+    def __init__(self, max_total: int, max_per_ip: int,
+                 exempt: Callable[[Session], bool] = lambda session: False,
+                 clock: IReactorTime | None = None) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
+        self.exempt = exempt
         self.total = 0
         self.per_ip: Counter[str] = Counter()
         self.sessions: set = set()
         self.stopping = False
-        self._watching = False
+        self._clock = clock
 
-    def open(self, proto) -> R.Reply | None:
-        if not self._watching:
-            self._watch(proto.factory.context.clock)
-        ip = proto.session.client_ip
+    def open(self, key, session: Session) -> R.Reply | None:
+        """Count the connection C{key} (its protocol), or the refusal."""
+        if self._clock is not None:
+            self._watch(self._clock)
+        ip = session.client_ip
         if self.max_total and self.total >= self.max_total:
             return R.TOO_MANY_CONNECTIONS
-        if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip and not self._exempt(proto):
+        if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip and not self.exempt(session):
             return R.TOO_MANY_FROM_IP
         self.total += 1
         self.per_ip[ip] += 1
-        self.sessions.add(proto)
+        self.sessions.add(key)
         return None
 
-    def close(self, proto) -> None:
-        if proto not in self.sessions:
+    def close(self, key, session: Session) -> None:
+        if key not in self.sessions:
             return
-        self.sessions.discard(proto)
+        self.sessions.discard(key)
         self.total -= 1
-        ip = proto.session.client_ip
+        ip = session.client_ip
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
@@ -91,19 +95,12 @@ class Connections:
         self.stopping = True
 
     def _watch(self, clock) -> None:
-        self._watching = True
+        """At the first connection, not before: a context that never
+        serves adds no trigger to the reactor."""
+        self._clock = None
         add_trigger = getattr(clock, "addSystemEventTrigger", None)  # not on task.Clock
         if add_trigger is not None:
             add_trigger("before", "shutdown", self.stop)
-
-    @staticmethod
-    def _exempt(proto) -> bool:
-        ctx = proto.factory.context
-        session = proto.session
-        group = ctx.config.greeting_delay_exceptions
-        if group and ctx.policies.ip_groups.contains(group, session.client_ip):
-            return True
-        return bool(ctx.trust.is_trusted(session))
 
 
 def _run_inline(f, *args):
@@ -130,7 +127,11 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         if self.connections is None:
-            self.connections = Connections(self.config.max_connections, self.config.max_connections_per_ip)
+            self.connections = Connections(self.config.max_connections, self.config.max_connections_per_ip,
+                                           self._limit_exempt, self.clock)
+
+    def _limit_exempt(self, session: Session) -> bool:
+        return connection_limit_exempt(session, self.greeting, self.trust)
 
     @property
     def hostname(self) -> str:
