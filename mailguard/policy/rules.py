@@ -23,7 +23,9 @@ __all__ = [
     "Refusal",
     "auth_mechanisms",
     "connection_limit_exempt",
+    "ehlo_keywords",
     "etrn_refusal",
+    "help_commands",
     "mail_parameters",
     "mail_refusal",
     "rcpt_parameters",
@@ -53,6 +55,44 @@ def auth_mechanisms(session: Session, passwords) -> list[str]:
     if session.tls:
         mechs += ["PLAIN", "LOGIN"]
     return mechs
+
+
+def ehlo_keywords(session: Session, *, mechanisms: list[str], max_size: int, starttls: bool,
+                  vrfy: bool, etrn: bool, dsn: bool) -> list[str]:
+    """The EHLO keywords, in the order of the Kerio server in the seed;
+    each only where it works (AUTH until authenticated, STARTTLS until
+    TLS is on)."""
+    ext = []
+    if mechanisms and not session.authenticated:
+        ext.append("AUTH " + " ".join(mechanisms))
+    ext.append(f"SIZE {max_size}")
+    if starttls and not session.tls:
+        ext.append("STARTTLS")
+    if vrfy:
+        ext.append("VRFY")
+    ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING"]
+    if etrn:
+        ext.append("ETRN")
+    if dsn:
+        ext.append("DSN")
+    ext.append("HELP")
+    return ext
+
+
+def help_commands(session: Session, *, mechanisms: list[str], starttls: bool, vrfy: bool,
+                  etrn: bool) -> list[str]:
+    """What HELP lists: the commands this session can use now (not a fixed
+    list: VRFY, STARTTLS, AUTH and ETRN only where they work)."""
+    names = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"]
+    if vrfy:
+        names.append("VRFY")
+    if starttls and not session.tls:
+        names.append("STARTTLS")
+    if mechanisms and not session.authenticated:
+        names.append("AUTH")
+    if etrn:
+        names.append("ETRN")
+    return names
 
 
 def mail_refusal(session: Session) -> Refusal | None:

@@ -21,7 +21,6 @@ change.
 
 from __future__ import annotations
 
-import base64
 import secrets
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
@@ -30,45 +29,29 @@ from twisted.logger import Logger
 
 from mailguard import replies as R
 from mailguard.policy.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from mailguard.policy.rules import (Refusal, auth_mechanisms, etrn_refusal, mail_parameters,
-                                    mail_refusal, rcpt_parameters, vrfy_budgeted, vrfy_refusal)
+from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, mail_parameters, mail_refusal,
+                                    rcpt_parameters, vrfy_budgeted, vrfy_refusal)
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
-from mailguard.smtpd import sasl
-from mailguard.smtpd.trace import envelope_of, trace_headers
+from mailguard.smtpd.extensions import AUTH, CLOSED, COMMAND, DATA, Extensions
+from mailguard.smtpd.transaction import Transaction, envelope_of, trace_headers
 
 if TYPE_CHECKING:
     from mailguard.smtpd.factory import ServerContext
 
 log = Logger()
 
-COMMAND, AUTH, DATA, CLOSED = "COMMAND", "AUTH", "DATA", "CLOSED"
 JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN/ETRN before each counts as an error (Postfix smtpd_junk_command_limit)
-# Failed AUTH attempts per session: the n-th is answered after n seconds,
-# the last closes the session.  Not 3: smtplib and mail clients try every
-# advertised mechanism with one wrong password before giving up.
-AUTH_FAILURE_LIMIT = 5  # the default of SmtpMaxAuthFailures
 _COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "VRFY", "MAIL",
                        "RCPT", "DATA", "STARTTLS", "AUTH", "ETRN"})
 _DATA_FAILURES = {F.TEXT_LINE_TOO_LONG: R.DATA_LINE_TOO_LONG, F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG}
 _EMPTY = b""
 
 
-class Transaction:
-    """One mail transaction, from MAIL to the end of DATA (or RSET)."""
-
-    __slots__ = ("mail_from", "params", "recipients", "attempts")
-
-    def __init__(self, mail_from: str, params: dict) -> None:
-        self.mail_from = mail_from
-        self.params = params
-        self.recipients: list = []  # (RecipientVerdict, RCPT parameters)
-        self.attempts = 0  # RCPT commands checked, accepted or not
-
-
-class ServerSession:
-    """The server side of one SMTP session, from the greeting on.
+class ServerSession(Extensions):
+    """The server side of one SMTP session, from the greeting on: the
+    commands of RFC 5321 here, the service extensions' in L{Extensions}.
 
     @param facts: the session facts at the greeting.
     @param context: what every session shares (the configuration, the
@@ -205,23 +188,23 @@ class ServerSession:
 
     def _error(self, reply: R.Reply) -> None:
         """A client error: answer it, and close after too many."""
-        self.errors += 1
-        if self.errors > self.context.config.max_errors:
-            self.close(R.TOO_MANY_ERRORS)
-        else:
+        if not self._count_error():
             self._send(reply)
 
-    def _junk_command(self) -> bool:
-        """NOOP, RSET, HELP, EXPN, ETRN: free up to L{JUNK_COMMAND_LIMIT} per
-        session, then each counts as an error.  True if that closed it."""
-        self.junk += 1
-        if self.junk <= JUNK_COMMAND_LIMIT:
-            return False
+    def _count_error(self) -> bool:
+        """One more client error; past ``SmtpMaxErrors`` the session is
+        closed (True)."""
         self.errors += 1
         if self.errors > self.context.config.max_errors:
             self.close(R.TOO_MANY_ERRORS)
             return True
         return False
+
+    def _junk_command(self) -> bool:
+        """NOOP, RSET, HELP, EXPN, ETRN: free up to L{JUNK_COMMAND_LIMIT} per
+        session, then each counts as an error.  True if that closed it."""
+        self.junk += 1
+        return self.junk > JUNK_COMMAND_LIMIT and self._count_error()
 
     # -- input ----------------------------------------------------------------------------
     def _step(self) -> bool:
@@ -244,7 +227,8 @@ class ServerSession:
                 self.mode, self._sasl = COMMAND, None
             self._error(R.LINE_TOO_LONG)
         elif self.mode is AUTH:
-            self._auth_line(line)
+            self.mode = COMMAND
+            self._guarded_auth(self._auth_response, line)
         else:
             self._command(line)
         return True
@@ -261,16 +245,13 @@ class ServerSession:
             arg = rest.strip().decode("utf-8")
         except UnicodeDecodeError:
             return self._error(R.SYNTAX_ERROR)
+        if name == "AUTH":  # an exception's text may quote credentials
+            return self._guarded_auth(self.smtp_AUTH, arg)
         try:
             getattr(self, "smtp_" + name)(arg)
-        except Exception as e:
-            if name == "AUTH":
-                # The traceback or the exception text may quote credentials.
-                log.error("internal error in AUTH: {exc}", exc=type(e).__name__)
-                self._auth_internal_error()
-            else:
-                log.failure("error handling {verb}", verb=name)
-                self._send(R.LOCAL_ERROR)
+        except Exception:
+            log.failure("error handling {verb}", verb=name)
+            self._send(R.LOCAL_ERROR)
 
     # -- session commands -----------------------------------------------------------------
     def smtp_HELO(self, arg: str) -> None:
@@ -290,39 +271,15 @@ class ServerSession:
         self._send(reply, tuple(self.ehlo_extensions()) if esmtp else ())
 
     def ehlo_extensions(self) -> list[str]:
-        """The EHLO keywords, in the order of the Kerio server in the seed."""
         ctx = self.context
-        ext = []
-        mechs = self._mechanisms()
-        if mechs and not self.facts.authenticated:
-            ext.append("AUTH " + " ".join(mechs))
-        ext.append(f"SIZE {ctx.config.max_message_size}")
-        if ctx.tls is not None and not self.facts.tls:
-            ext.append("STARTTLS")
-        if ctx.config.vrfy_enabled:
-            ext.append("VRFY")
-        ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING"]
-        if ctx.queue is not None:
-            ext.append("ETRN")
-        if ctx.dsn:
-            ext.append("DSN")
-        ext.append("HELP")
-        return ext
+        return ehlo_keywords(self.facts, mechanisms=self._mechanisms(), max_size=ctx.config.max_message_size,
+                             starttls=ctx.tls is not None, vrfy=ctx.config.vrfy_enabled,
+                             etrn=ctx.queue is not None, dsn=ctx.dsn)
 
     def help_commands(self) -> list[str]:
-        """The commands this session can use now (not a fixed list:
-        STARTTLS, AUTH, VRFY and ETRN only where they work)."""
         ctx = self.context
-        names = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"]
-        if ctx.config.vrfy_enabled:
-            names.append("VRFY")
-        if ctx.tls is not None and not self.facts.tls:
-            names.append("STARTTLS")
-        if self._mechanisms() and not self.facts.authenticated:
-            names.append("AUTH")
-        if ctx.queue is not None:
-            names.append("ETRN")
-        return names
+        return help_commands(self.facts, mechanisms=self._mechanisms(), starttls=ctx.tls is not None,
+                             vrfy=ctx.config.vrfy_enabled, etrn=ctx.queue is not None)
 
     def smtp_NOOP(self, arg: str) -> None:
         if not self._junk_command():
@@ -459,124 +416,3 @@ class ServerSession:
         # them at once (no kick: that would end every entry's back-off too).
         queued = envelope.message_id.split(".")[1]
         self._send(R.MESSAGE_ACCEPTED.with_text(f"Ok: queued as {queued}"))
-
-    # -- STARTTLS -------------------------------------------------------------------------
-    def smtp_STARTTLS(self, arg: str) -> None:
-        if self.facts.tls:
-            return self._error(R.TLS_ALREADY)
-        if self.context.tls is None:
-            return self._error(R.TLS_UNAVAILABLE)
-        if arg:
-            return self._error(R.SYNTAX_ERROR)
-        if self._buffer:
-            # Plain text pipelined behind STARTTLS (the command injection
-            # flaw, CVE-2011-0411 and its kin): never run it inside TLS.
-            log.warn("discarded {n} bytes pipelined after STARTTLS from {ip}",
-                     n=len(self._buffer), ip=self.facts.client_ip)
-            self._buffer = _EMPTY
-        self._send(R.READY_TLS)
-        self._events.append(E.StartTLS())
-        # RFC 3207 4.2: forget everything learnt before TLS; EHLO again.
-        self.transaction = self._sasl = None
-        self.facts = replace(self.facts, tls=True, helo=None, authenticated=None, esmtp=False)
-
-    # -- AUTH -----------------------------------------------------------------------------
-    def _mechanisms(self) -> list[str]:
-        return auth_mechanisms(self.facts, self.context.passwords)
-
-    def smtp_AUTH(self, arg: str) -> None:
-        if self.facts.helo is None:
-            return self._error(R.NEED_EHLO)
-        if self.facts.authenticated:
-            return self._error(R.AUTH_ALREADY)
-        if self.transaction is not None:
-            return self._error(R.BAD_SEQUENCE)
-        mech, _, initial = arg.partition(" ")
-        mech = mech.upper()
-        if not mech:
-            return self._error(R.SYNTAX_ERROR)
-        if mech in ("PLAIN", "LOGIN") and not self.facts.tls:
-            return self._error(R.AUTH_NEEDS_TLS)
-        if mech not in self._mechanisms():
-            return self._error(R.AUTH_MECHANISM_UNKNOWN)
-        initial = initial.strip()
-        self._sasl = sasl.start(mech, hostname=self.context.hostname,
-                                now=self.context.clock.seconds(), token=self._token)
-        self._auth_step(self._sasl.first(initial.encode("ascii", "replace") if initial else None))
-
-    def _auth_line(self, line: bytes) -> None:
-        self.mode = COMMAND
-        try:
-            self._auth_step(self._sasl.respond(line))
-        except Exception as e:
-            log.error("internal error in AUTH: {exc}", exc=type(e).__name__)
-            self._auth_internal_error()
-
-    def _auth_step(self, step) -> None:
-        if isinstance(step, sasl.Challenge):
-            self.mode = AUTH
-            return self._send(R.Reply(334, "", base64.b64encode(step.data).decode("ascii")))
-        self._sasl = None
-        if step is sasl.ABORTED:
-            self._send(R.AUTH_ABORTED)
-        elif step is sasl.MALFORMED:
-            self._error(R.SYNTAX_ERROR.with_text("Invalid base64 data"))
-        elif step is sasl.DENIED:
-            self._auth_result(None)
-        else:
-            self._request(E.CheckCredentials(step))
-
-    def _auth_result(self, who: str | None) -> None:
-        if who:
-            self.facts = replace(self.facts, authenticated=who)
-            log.info("AUTH ok: {who} from {ip}", who=who, ip=self.facts.client_ip)
-            return self._send(R.AUTH_OK)
-        self.auth_failures += 1
-        log.info("AUTH failed from {ip} ({n})", ip=self.facts.client_ip, n=self.auth_failures)
-        if self.auth_failures >= max(1, self.context.config.max_auth_failures):
-            return self.close(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
-        self._request(E.AuthFailureDelay(float(self.auth_failures)))  # 1 s, 2 s, ...
-
-    def _auth_internal_error(self) -> None:
-        """Answer 454 4.7.0 (RFC 4954 6); the cause was logged by type only."""
-        self._sasl = None
-        if self.mode is not CLOSED:
-            self.mode = COMMAND
-            self._send(R.AUTH_TEMPORARY)
-
-    # -- ETRN -----------------------------------------------------------------------------
-    def smtp_ETRN(self, arg: str) -> None:
-        """RFC 1985: ``ETRN domain`` starts a queue run for that domain,
-        ``ETRN @domain`` for it and its subdomains, ``ETRN #queue`` for the
-        named queue (there is one: all of it).  After EHLO, outside a mail
-        transaction (as Postfix), counted as junk, trusted clients only."""
-        if self.context.queue is None:
-            return self._error(R.NOT_IMPLEMENTED)
-        if self.facts.helo is None:
-            return self._error(R.NEED_EHLO)
-        if self.transaction is not None:
-            return self._error(R.BAD_SEQUENCE)
-        if self._junk_command():
-            return
-        refusal = etrn_refusal(self.facts, self.context.trust)
-        if refusal is not None:
-            return self._refuse(refusal)
-        try:
-            domain = etrn_domain(arg.strip())
-        except ValueError:
-            return self._error(R.SYNTAX_ERROR)
-        self._events.append(E.KickQueue(domain))
-        self._send(R.ETRN_STARTED)
-
-
-def etrn_domain(target: str) -> str | None:
-    """``#queue`` -> None (the whole queue); ``domain`` / ``@domain`` ->
-    itself, the name checked (ValueError if it is not a hostname)."""
-    from mailguard.config.values import parse_hostname
-
-    if target.startswith("#"):
-        if len(target) < 2 or " " in target:
-            raise ValueError(f"bad queue name {target!r}")
-        return None
-    at = "@" if target.startswith("@") else ""
-    return at + parse_hostname(target[len(at):])

@@ -10,7 +10,9 @@ from mailguard.policy.rules import (
     Refusal,
     auth_mechanisms,
     connection_limit_exempt,
+    ehlo_keywords,
     etrn_refusal,
+    help_commands,
     mail_parameters,
     mail_refusal,
     rcpt_parameters,
@@ -159,3 +161,32 @@ def test_etrn_is_for_trusted_clients(session, expected):
 def test_connection_limit_exemption(ip, exempt):
     session = Session(ip, 1, "smtp")
     assert connection_limit_exempt(session, _Greeting("127.0.0.4"), _Trust("127.0.0.2")) is exempt
+
+
+ALL = dict(mechanisms=["CRAM-MD5"], max_size=1000, starttls=True, vrfy=True, etrn=True, dsn=True)
+BASE = ["SIZE 1000", "ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING", "HELP"]
+
+
+@pytest.mark.parametrize("session, offer, expected", [
+    (UNTRUSTED, ALL, ["AUTH CRAM-MD5", "SIZE 1000", "STARTTLS", "VRFY", "ENHANCEDSTATUSCODES",
+                      "8BITMIME", "PIPELINING", "ETRN", "DSN", "HELP"]),
+    (UNTRUSTED, dict(ALL, mechanisms=[], starttls=False, vrfy=False, etrn=False, dsn=False), BASE),
+    (Session("127.0.0.3", 1, "smtps", tls=True), dict(ALL, vrfy=False, etrn=False, dsn=False),
+     ["AUTH CRAM-MD5"] + BASE),  # TLS on: no STARTTLS
+    (Session("127.0.0.3", 1, "smtp", authenticated="j@x.test"), dict(ALL, starttls=False, vrfy=False,
+                                                                      etrn=False, dsn=False), BASE),
+])
+def test_ehlo_keywords_only_where_they_work(session, offer, expected):
+    assert ehlo_keywords(session, **offer) == expected
+
+
+@pytest.mark.parametrize("session, offer, extra", [
+    (UNTRUSTED, dict(mechanisms=["CRAM-MD5"], starttls=True, vrfy=True, etrn=True),
+     ["VRFY", "STARTTLS", "AUTH", "ETRN"]),
+    (UNTRUSTED, dict(mechanisms=[], starttls=False, vrfy=False, etrn=False), []),
+    (Session("127.0.0.3", 1, "smtps", tls=True, authenticated="j@x.test"),
+     dict(mechanisms=["PLAIN"], starttls=True, vrfy=False, etrn=False), []),
+])
+def test_help_lists_what_works_now(session, offer, extra):
+    base = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"]
+    assert help_commands(session, **offer) == base + extra

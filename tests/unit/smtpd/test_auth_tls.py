@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from mailguard import replies as R
 from mailguard.interfaces import IPasswordChecker
-from mailguard.smtpd.session import AUTH_FAILURE_LIMIT
+from mailguard.smtpd.extensions import AUTH_FAILURE_LIMIT
 from mailguard.policy.passwords import make_sha_password
 from mailguard.tap import Options
 from tests.certs import make_certs

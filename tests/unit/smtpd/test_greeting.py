@@ -296,6 +296,20 @@ def test_decision_table(base_config, listener, ip, delay, expected):
         assert decision is GREET_NOW
 
 
+@pytest.mark.parametrize("group, ip, exception", [
+    ("NoDelay", "127.0.0.4", True),
+    ("NoDelay", "::ffff:127.0.0.4", True),  # the facts normalise the address
+    ("NoDelay", "127.0.0.2", False),
+    ("", "127.0.0.4", False),
+])
+def test_exception_group_is_one_definition(base_config, group, ip, exception):
+    """What greets at once is what the per-IP connection limit exempts
+    (with trust; see tests/unit/policy/test_rules.py), whatever the delay."""
+    for delay in (0.0, 25.0):
+        policy = GreetingPolicy(delay, build_tables(base_config)[0].ip_groups, group)
+        assert policy.is_exception(Session(ip, 1, "smtp")) is exception
+
+
 # --- the teaser -----------------------------------------------------------------
 
 def test_teaser_sends_the_first_line_at_once_and_the_last_after_the_delay(server):

@@ -1,5 +1,6 @@
-"""The envelope of a transaction, and the trace headers written before
-the message: pure functions of the session facts and the time."""
+"""One mail transaction: its state from MAIL to the end of DATA, the
+envelope the store is handed, and the trace headers written before the
+message (pure functions of the session facts and the time)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,22 @@ from twisted.mail.smtp import rfc822date
 from mailguard.policy.session import Session
 from mailguard.store.maildir import Envelope
 
-__all__ = ["envelope_of", "protocol_type", "trace_headers"]
+__all__ = ["Transaction", "envelope_of", "protocol_type", "trace_headers"]
 
 
-def envelope_of(transaction, facts: Session) -> Envelope:
+class Transaction:
+    """From MAIL to the end of DATA (or RSET, HELO, STARTTLS)."""
+
+    __slots__ = ("mail_from", "params", "recipients", "attempts")
+
+    def __init__(self, mail_from: str, params: dict) -> None:
+        self.mail_from = mail_from
+        self.params = params
+        self.recipients: list = []  # (RecipientVerdict, RCPT parameters) of each accepted RCPT
+        self.attempts = 0  # RCPT commands checked, accepted or not (RFC 2920 3.1)
+
+
+def envelope_of(transaction: Transaction, facts: Session) -> Envelope:
     """What the store is handed at DATA: the local mailboxes and the relay
     recipients of every accepted RCPT (each once, in order), with their
     parameters (DSN)."""
