@@ -39,6 +39,7 @@ class MailguardESMTP(Protocol):
     # Immutable defaults: while held, the instance dict holds only the
     # factory, the transport, the facts and the hold.
     smtp: ServerSession | None = None  # made when the greeting is sent
+    opened: Session | None = None  # the facts at connect (IP, port, listener never change)
     closed = False
     _hold = None
     _held_since = 0.0
@@ -68,12 +69,8 @@ class MailguardESMTP(Protocol):
                                       tls=listener == "smtps")
         refusal = ctx.connections.open(self, facts)
         if refusal is not None:
-            self.closed = True
             event = "too-many-from-ip" if refusal is R.TOO_MANY_FROM_IP else "too-many-connections"
-            ctx.security_log.record(event, facts.client_ip, facts.client_port, 0.0, b"")
-            self.transport.write(refusal.to_bytes())
-            self.transport.loseConnection()
-            return
+            return self._turn_away(refusal, event)
         decision = ctx.greeting.decide(facts)
         if decision.delay > 0:
             # Held: one delayed call, nothing read into a session; any byte
@@ -97,7 +94,8 @@ class MailguardESMTP(Protocol):
     def _greet(self) -> None:
         ctx = self.factory.context
         self.smtp = ServerSession(self.opened, ctx)
-        self.transport.write(R.SERVICE_READY.with_text(f"{ctx.hostname} ESMTP").to_bytes())
+        self.smtp.greet()
+        self._run()
         if ctx.config.idle_timeout > 0:  # 0: no limit
             self._idle = ctx.clock.callLater(ctx.config.idle_timeout, self._timeout, "_idle", R.TIMEOUT)
         if ctx.config.max_session_time > 0:
@@ -123,13 +121,19 @@ class MailguardESMTP(Protocol):
 
     def _early_talker(self, data: bytes) -> None:
         ctx = self.factory.context
-        waited = ctx.clock.seconds() - self._held_since
         self._cancel("_hold")
+        self._turn_away(R.EARLY_TALKER, "early-talker" if ctx.config.greeting_delay_log else None,
+                        ctx.clock.seconds() - self._held_since, data)
+
+    def _turn_away(self, reply: R.Reply, event: str | None, waited: float = 0.0, data: bytes = b"") -> None:
+        """Refuse a connection that has no session: the security-log entry
+        (unless C{event} is None), the reply, the close.  Every refusal
+        before the greeting passes here; after it, the session says all."""
         self.closed = True
-        if ctx.config.greeting_delay_log:
+        if event is not None:
             facts = self.opened
-            ctx.security_log.record("early-talker", facts.client_ip, facts.client_port, waited, data)
-        self.transport.write(R.EARLY_TALKER.to_bytes())
+            self.factory.context.security_log.record(event, facts.client_ip, facts.client_port, waited, data)
+        self.transport.write(reply.to_bytes())
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:

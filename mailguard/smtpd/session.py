@@ -83,6 +83,10 @@ class ServerSession(Extensions):
         self.auth_failures = 0
 
     # -- the h11-style surface ----------------------------------------------------------
+    def greet(self) -> None:
+        """The server speaks first: ``220``."""
+        self._send(R.SERVICE_READY.with_text(f"{self.context.hostname} ESMTP"))
+
     def receive_data(self, data: bytes) -> None:
         if self.mode is not CLOSED:
             self._buffer += data

@@ -23,8 +23,11 @@ TLS = object()  # a stand-in TLS context
 
 
 def machine(ctx, ip="127.0.0.3", listener="smtp") -> ServerSession:
-    return ServerSession(Session(ip, 40000, listener, tls=listener == "smtps"), ctx,
-                         token=lambda n: "ab" * n)
+    """A session just greeted (its 220 taken)."""
+    m = ServerSession(Session(ip, 40000, listener, tls=listener == "smtps"), ctx, token=lambda n: "ab" * n)
+    m.greet()
+    assert events(m) == [E.Write(b"220 mx.example.com ESMTP\r\n"), E.NEED_DATA]
+    return m
 
 
 def events(m: ServerSession, data: bytes = b"") -> list:
