@@ -4,8 +4,8 @@ Three kinds, in the manner of h11:
 
 - signals (L{NEED_DATA}, L{PAUSED}, L{CLOSED}): nothing to do until more
   bytes arrive, until the outstanding request is answered, or ever;
-- notices (L{Write}, L{StartTLS}, L{KickQueue}, L{AbortMessage},
-  L{Close}): do this, no answer expected;
+- notices (L{Write}, L{WriteMessage}, L{StartTLS}, L{KickQueue},
+  L{AbortMessage}, L{Close}): do this, no answer expected;
 - requests (every L{Request}): do this and hand the result back with
   C{session.answer(value)} or C{session.failed()}; the session is
   L{PAUSED} meanwhile, so pipelined commands wait their turn.
@@ -43,19 +43,21 @@ CLOSED = Signal("CLOSED")
 # --- notices ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Write:
-    """Bytes for the client: one or more replies (a pipelined group's)."""
+    """Bytes for the client: one or more replies (a pipelined group's).
+    Not frozen: one is made per reply, and a frozen dataclass costs twice
+    as much to make."""
 
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StartTLS:
     """Start TLS now (the ``220`` went out just before)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KickQueue:
     """ETRN: start a queue run for C{domain} (``@domain``: with its
     subdomains; None: the whole queue)."""
@@ -63,12 +65,20 @@ class KickQueue:
     domain: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
+class WriteMessage:
+    """Append message bytes.  If that fails, say C{session.message_failed()}
+    before pulling the next event.  Not frozen, as L{Write}."""
+
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class AbortMessage:
     """Discard the message being received."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the connection once what was written has been sent."""
 
@@ -82,7 +92,7 @@ class Request:
     __slots__ = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckRecipient(Request):
     """Answer: the L{mailguard.policy.decide.RecipientVerdict}.  The RCPT
     parameters ride along, to be kept with an accepted recipient."""
@@ -92,7 +102,7 @@ class CheckRecipient(Request):
     params: Mapping[str, str | None] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AnswerVrfy(Request):
     """Answer: the L{mailguard.replies.Reply} the VRFY policy gives."""
 
@@ -100,7 +110,7 @@ class AnswerVrfy(Request):
     argument: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CheckCredentials(Request):
     """Answer: the canonical user the credentials prove, or None.  A
     failure is logged by type only: its text could quote a password."""
@@ -108,14 +118,14 @@ class CheckCredentials(Request):
     credentials: PlainCredentials | CramMD5Credentials = field(repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthFailureDelay(Request):
     """Answer (None) after C{seconds}: a failed AUTH is answered slowly."""
 
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BeginMessage(Request):
     """Open the message for C{envelope} and write C{header} (the trace
     headers) first.  Answer: None."""
@@ -124,14 +134,9 @@ class BeginMessage(Request):
     header: bytes
 
 
-@dataclass(frozen=True)
-class WriteMessage(Request):
-    """Append message bytes.  Answer: None."""
-
-    data: bytes = field(repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CommitMessage(Request):
     """Store the message durably (fsynced) before answering None."""
 

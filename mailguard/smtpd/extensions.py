@@ -31,6 +31,8 @@ AUTH_FAILURE_LIMIT = 5  # the default of SmtpMaxAuthFailures
 class Extensions:
     """STARTTLS, AUTH and ETRN for a L{ServerSession}."""
 
+    __slots__ = ()
+
     # -- STARTTLS -------------------------------------------------------------------------
     def smtp_STARTTLS(self, arg: str) -> None:
         if self.facts.tls:

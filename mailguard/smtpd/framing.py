@@ -71,11 +71,6 @@ class CommandReader:
     def __init__(self) -> None:
         self._discarding = False
 
-    @staticmethod
-    def limit(buf: bytes, auth: bool) -> int:
-        """The limit for the line at the start of C{buf}."""
-        return AUTH_LINE_MAX if auth or _AUTH_PREFIX.match(buf) else COMMAND_LINE_MAX
-
     def read(self, buf: bytes, auth: bool = False) -> tuple[bytes | _Event | None, bytes]:
         """The next line of C{buf} (without CRLF), L{LINE_TOO_LONG}, or
         None (a partial line: more input needed), and the rest of C{buf}.
@@ -83,7 +78,7 @@ class CommandReader:
         @param auth: an AUTH exchange is waiting for a response line.
         """
         while buf:
-            limit = self.limit(buf, auth)
+            limit = AUTH_LINE_MAX if auth or _AUTH_PREFIX.match(buf) else COMMAND_LINE_MAX
             i = buf.find(b"\n")
             if i < 0:
                 if len(buf) <= limit:
@@ -133,7 +128,7 @@ class DataReader:
         """The next event of C{buf}, or None (more input needed), and the
         bytes not consumed (after L{END_OF_DATA}: what follows the message)."""
         while True:
-            if self._at_line_start and buf[:3] == b".\r\n":
+            if self._at_line_start and buf.startswith(b".\r\n"):
                 return END_OF_DATA, buf[3:]
             end = buf.rfind(b"\n")
             if end < 0:

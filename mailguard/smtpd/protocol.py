@@ -173,12 +173,17 @@ class MailguardESMTP(Protocol):
             return
         self._running = True
         smtp = self.smtp
+        next_event, write, handle = smtp.next_event, self.transport.write, self._handle
         try:
             while True:
-                event = smtp.next_event()
-                if isinstance(event, E.Signal):
+                event = next_event()
+                kind = event.__class__
+                if kind is E.Write:  # the common case, first
+                    write(event.data)
+                elif kind is E.Signal:
                     break
-                self._handle(event)
+                else:
+                    handle(event)
         finally:
             self._running = False
         if self._normal_read_size is not None and smtp.mode != "DATA":
@@ -192,9 +197,7 @@ class MailguardESMTP(Protocol):
     def _handle(self, event) -> None:
         ctx = self.smtp.context  # the one the session started with
         kind = type(event)
-        if kind is E.Write:
-            self.transport.write(event.data)
-        elif kind is E.WriteMessage:
+        if kind is E.WriteMessage:
             self._write_message(event.data)
         elif kind is E.CheckRecipient:
             self._wait(defer.maybeDeferred(ctx.recipients.check_recipient, event.session, event.mailbox), "RCPT")
@@ -223,20 +226,23 @@ class MailguardESMTP(Protocol):
             raise TypeError(f"unknown session event {event!r}")
 
     def _wait(self, d: defer.Deferred, what: str, logged: bool = False) -> None:
-        """Hand C{d}'s result to the session; resume reading after a
-        result that comes later (one that is there already is taken by
-        the running loop)."""
-        def done(result):
-            self.smtp.answer(result)
-            self._run()
-
+        """Hand C{d}'s result to the session."""
         def failed(failure):
             if not logged:
                 log.failure("internal error in {what}", failure, what=what)
-            self.smtp.failed()
-            self._run()
+            self._failed()
 
-        d.addCallbacks(done, failed)
+        d.addCallbacks(self._answered, failed)
+
+    def _answered(self, result) -> None:
+        """A request's result, to the session; then go on reading (a result
+        there at once is taken by the running loop, without recursing)."""
+        self.smtp.answer(result)
+        self._run()
+
+    def _failed(self) -> None:
+        self.smtp.failed()
+        self._run()
 
     # -- the message ------------------------------------------------------------------------------
     def _begin_message(self, event: E.BeginMessage) -> None:
@@ -255,7 +261,7 @@ class MailguardESMTP(Protocol):
             self._message.write(data)
         except OSError:
             log.failure("cannot write message")
-            self.smtp.failed()
+            self.smtp.message_failed()
             return
         if self._normal_read_size is None and self.smtp.message_size > BIG_READ_AFTER:
             # 256 KiB per recv instead of Twisted's 64 KiB: a large message
@@ -264,7 +270,6 @@ class MailguardESMTP(Protocol):
             # small reads it would cost a map and an unmap each.
             self._normal_read_size = getattr(self.transport, "bufferSize", None) or 0
             self.transport.bufferSize = BIG_READ_SIZE
-        self.smtp.answer(None)
 
     def _abort_message(self) -> None:
         message, self._message = self._message, None
@@ -279,14 +284,14 @@ class MailguardESMTP(Protocol):
         def stored(result):
             if self._was_held:  # it waited out the delay (pass cache)
                 ctx.greeting.passed(facts)
-            return result
+            self._answered(result)
 
         def failed(failure):
             log.failure("cannot store message {id}", failure, id=event.envelope.message_id)
             message.abort()
-            return failure
+            self._failed()
 
-        self._wait(message.commit().addCallbacks(stored, failed), "commit", logged=True)
+        message.commit().addCallbacks(stored, failed)
 
     # -- AUTH ------------------------------------------------------------------------------------
     def _check_credentials(self, credentials) -> None:

@@ -61,6 +61,10 @@ class ServerSession(Extensions):
     @param token: randomness for the CRAM-MD5 nonce.
     """
 
+    __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
+                 "_token", "_buffer", "_events", "_out", "_pending", "_lines", "_data", "_data_failed",
+                 "_envelope", "_sasl")
+
     def __init__(self, facts: Session, context: ServerContext,
                  token: Callable[[int], str] = secrets.token_hex) -> None:
         self.facts = facts
@@ -95,14 +99,14 @@ class ServerSession(Extensions):
         """The next event, or a signal: L{E.PAUSED}, L{E.NEED_DATA}, L{E.CLOSED}."""
         events = self._events
         while not events:
+            if self._pending is not None:
+                return E.CLOSED if self.mode is CLOSED else E.PAUSED
             if self.mode is CLOSED:
                 return E.CLOSED
-            if self._pending is not None:
-                return E.PAUSED
-            if not self._step():
-                self._flush()  # the pipelined group is drained
-                if not events:
+            if not (self._buffer and self._step()):
+                if not self._out:
                     return E.NEED_DATA
+                self._flush()  # the pipelined group is drained
         return events.pop(0)
 
     @property
@@ -123,20 +127,21 @@ class ServerSession(Extensions):
     def answer(self, value) -> None:
         """The result of the outstanding request."""
         request, self._pending = self._pending, None
-        if isinstance(request, E.CommitMessage):
-            return self._stored(request.envelope)
+        kind = type(request)
+        if kind is E.CommitMessage:
+            return self._stored(request.envelope)  # logged even if closed meanwhile
         if self.mode is CLOSED:
             return
-        if isinstance(request, E.CheckRecipient):
+        if kind is E.CheckRecipient:
             self._recipient_decided(request, value)
-        elif isinstance(request, E.AnswerVrfy):
-            self._send(value)
-        elif isinstance(request, E.CheckCredentials):
-            self._auth_result(value)
-        elif isinstance(request, E.AuthFailureDelay):
-            self._send(R.AUTH_FAILED)
-        elif isinstance(request, E.BeginMessage):
+        elif kind is E.BeginMessage:
             self._data_begun(request.envelope)
+        elif kind is E.AnswerVrfy:
+            self._send(value)
+        elif kind is E.CheckCredentials:
+            self._auth_result(value)
+        elif kind is E.AuthFailureDelay:
+            self._send(R.AUTH_FAILED)
 
     def failed(self) -> None:
         """The outstanding request failed (the adapter has logged why)."""
@@ -145,12 +150,16 @@ class ServerSession(Extensions):
             return
         if isinstance(request, E.CheckCredentials):
             self._auth_internal_error()
-        elif isinstance(request, E.WriteMessage):
-            self._data_fail(R.STORAGE_ERROR)
         elif isinstance(request, (E.BeginMessage, E.CommitMessage)):
             self._send(R.STORAGE_ERROR)
         else:
             self._send(R.LOCAL_ERROR)
+
+    def message_failed(self) -> None:
+        """The message could not be written (after a L{E.WriteMessage}):
+        it is aborted, and refused at the final dot."""
+        if self.mode is DATA:
+            self._data_fail(R.STORAGE_ERROR)
 
     def close(self, reply: R.Reply) -> None:
         """Say C{reply} after the replies held, then close (a timeout, or
@@ -168,12 +177,17 @@ class ServerSession(Extensions):
 
     # -- output ---------------------------------------------------------------------------
     def _send(self, reply: R.Reply, extra: tuple[str, ...] = ()) -> None:
-        if self.mode is CLOSED:
+        mode = self.mode
+        if mode is CLOSED:
             return
-        self._out.append(reply.to_bytes(extra))
-        if self.mode is COMMAND and b"\n" in self._buffer:
-            return  # more pipelined commands wait: answer them together
-        self._flush()
+        data = reply.to_bytes(extra)
+        if mode is COMMAND and b"\n" in self._buffer:
+            self._out.append(data)  # more pipelined commands wait: answer them together
+        elif self._out:
+            self._out.append(data)
+            self._flush()
+        else:
+            self._events.append(E.Write(data))
 
     def _flush(self) -> None:
         if self._out:
@@ -215,8 +229,6 @@ class ServerSession(Extensions):
         """Read one command line, AUTH response or DATA event.  False:
         more input is needed."""
         buf = self._buffer
-        if not buf:
-            return False
         if self.mode is DATA:
             event, self._buffer = self._data.read(buf)
             if event is None:
@@ -384,7 +396,7 @@ class ServerSession(Extensions):
 
     def _data_event(self, event) -> None:
         if type(event) is bytes:
-            return self._request(E.WriteMessage(event))
+            return self._events.append(E.WriteMessage(event))
         if event is F.END_OF_DATA:
             return self._data_end()
         if event is F.BARE_LINE_ENDING:

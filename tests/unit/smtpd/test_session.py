@@ -154,13 +154,10 @@ def test_data_opens_writes_and_commits(m):
     m.answer(None)
     evs = events(m)
     assert codes(written(evs)) == ["250 2.1.0", "250 2.1.5", "354 End"]
-    assert evs[-2:] == [E.WriteMessage(b"Subject: x\r\n\r\n"), E.PAUSED]
-    m.answer(None)
-    assert events(m, b"..hi\r\n.\r\nNOOP\r\n") == [E.WriteMessage(b".hi\r\n"), E.PAUSED]
-    assert m.message_size == len(b"Subject: x\r\n\r\n.hi\r\n")
-    m.answer(None)
-    evs = events(m)
-    assert evs == [E.CommitMessage(begin.envelope), E.PAUSED]
+    assert evs[-2:] == [E.WriteMessage(b"Subject: x\r\n\r\n"), E.NEED_DATA]
+    evs = events(m, b"..hi\r\n.\r\nNOOP\r\n")
+    assert evs == [E.WriteMessage(b".hi\r\n"), E.CommitMessage(begin.envelope), E.PAUSED]
+    assert m.message_size == 0  # the message is done
     assert m.mode == "COMMAND" and m.transaction is None
     m.answer(None)
     queued = begin.envelope.message_id.split(".")[1]
@@ -178,10 +175,13 @@ def test_data_that_cannot_be_opened_is_452_and_the_transaction_stays(m):
 def test_a_write_failure_aborts_and_is_answered_at_the_final_dot(m):
     open_data(m, b"Subject: x\r\n\r\n")
     m.answer(None)
-    assert isinstance(events(m)[-2], E.WriteMessage)
-    m.failed()  # the first block could not be written
+    assert isinstance(m.next_event(), E.Write)  # 250, 250, 354
+    assert m.next_event() == E.WriteMessage(b"Subject: x\r\n\r\n")
+    assert m.message_size == len(b"Subject: x\r\n\r\n")
+    m.message_failed()  # that could not be written
     assert events(m) == [E.AbortMessage(), E.NEED_DATA]
-    assert codes(written(events(m, b"more\r\n.\r\n"))) == ["452 4.3.1"]
+    assert events(m, b"more\r\n") == [E.NEED_DATA]  # nothing more is written
+    assert codes(written(events(m, b".\r\n"))) == ["452 4.3.1"]
 
 
 def test_bare_lf_aborts_and_closes(m):
