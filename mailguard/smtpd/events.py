@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     from mailguard.store.maildir import Envelope
 
 
-class Signal:
+class Marker:
+    """A named value that carries nothing: compared by identity (framing
+    events, SASL outcomes, the signals below)."""
+
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
@@ -33,6 +36,10 @@ class Signal:
 
     def __repr__(self) -> str:
         return self.name
+
+
+class Signal(Marker):
+    __slots__ = ()
 
 
 NEED_DATA = Signal("NEED_DATA")

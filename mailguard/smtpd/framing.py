@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from mailguard.smtpd.events import Marker as _Event
+
 __all__ = [
     "AUTH_LINE_MAX",
     "BARE_LINE_ENDING",
@@ -35,18 +37,6 @@ AUTH_LINE_MAX = 12288  # RFC 4954 section 4
 TEXT_LINE_MAX = 1000  # RFC 5321 4.5.3.1.6, CRLF included
 _AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
 _EMPTY = b""
-
-
-class _Event:
-    """A framing event that carries nothing but its name."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
 
 
 LINE_TOO_LONG = _Event("LINE_TOO_LONG")  # a command line over its limit (reported once)

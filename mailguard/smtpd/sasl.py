@@ -19,6 +19,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
+from mailguard.smtpd.events import Marker as _Outcome
+
 __all__ = [
     "ABORTED",
     "DENIED",
@@ -28,16 +30,6 @@ __all__ = [
     "PlainCredentials",
     "start",
 ]
-
-
-class _Outcome:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
 
 
 MALFORMED = _Outcome("MALFORMED")  # not base64, or not the mechanism's form: 501
