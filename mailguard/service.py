@@ -21,13 +21,16 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailguard.config.settings import Configuration
-from mailguard.store.maildir import MaildirStore, disk_runner, run_in_thread
+from mailguard.store.durable import DirSyncer, disk_runner, run_in_thread
+from mailguard.store.maildir import MaildirStore
 from mailguard.smtpd.factory import MailguardFactory, ServerContext
 from mailguard.gateway.gateway import build_gateway, gateway_vrfy
 from mailguard.policy.greeting import GreetingPolicy
 from mailguard.policy.passwords import PasswordChecker
 from mailguard.config.values import parse_host_port
-from mailguard.store.queue import RelayQueue, client_tls, directory_router
+from mailguard.store.notices import Notifier, directory_router
+from mailguard.store.queue import RelayQueue
+from mailguard.store.relayclient import client_tls
 from mailguard.smtpd.proxy import ProxyHeaderFactory
 from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.smtpd.seclog import SecurityLog
@@ -73,12 +76,14 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor) ->
     trust = TrustPolicy(config.ip_groups, config.relay_ip_group_enabled,
                         config.relay_ip_group, config.relay_auth_enabled)
     gateway = build_gateway(config, opts, reactor)  # None unless GatewayEnabled=1
-    queue = build_queue(config, opts, reactor, spool, gateway)
-    store = MaildirStore(spool, queue.run, queue=queue)
-    removed = store.recover()
+    syncer = DirSyncer()  # one group commit for the Maildirs and the queue
+    queue = build_queue(config, opts, reactor, spool, gateway, syncer=syncer)
+    store = MaildirStore(spool, queue.run, relay=queue, notices=queue.notices, syncer=syncer)
+    queue.deliver = store.inject  # DSNs are stored like received mail
+    removed = store.open()
     if removed:
         log.info("removed {n} partial message(s) left by a crash", n=removed)
-    removed = queue.recover()
+    removed = queue.open()
     if removed:
         log.info("relay queue: removed {n} file(s) left by a crash", n=removed)
     return ServerContext(
@@ -99,7 +104,7 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor) ->
 
 
 def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: str,
-                gateway=None) -> RelayQueue:
+                gateway=None, syncer: DirSyncer | None = None) -> RelayQueue:
     """The relay queue (mailguard.store.queue) for --relay-host and the Queue*
     settings; fsync work runs in its own thread pool."""
     relay_host = parse_host_port(opts["relay-host"]) if opts.get("relay-host") else None
@@ -115,7 +120,8 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
         retry_min=config.queue_retry_min,
         retry_max=config.queue_retry_max,
         concurrency=config.queue_concurrency,
-        router=directory_router(config.directory, gateway),
+        notices=Notifier(config.hostname, reactor, directory_router(config.directory, gateway)),
+        syncer=syncer,
         tls=tls,
         tls_required=config.relay_tls_verify,
     )

@@ -21,6 +21,7 @@ def _implementers(tmp_path):
     clock = Clock()
     trust = TrustPolicy(config.ip_groups, True, "Trusted relays", True)
     store = MaildirStore(str(tmp_path))
+    store.open()
     return [
         (I.IIPGroups, config.ip_groups),
         (I.IUserDirectory, config.directory),
@@ -46,7 +47,8 @@ def _context_extras(tmp_path):
 
     config = dataclasses.replace(config_mod.load(None), gateway_enabled=True)
     ctx = build_context(config, {"spool": str(tmp_path / "ctx"), "relay-host": "127.0.0.1:1"}, reactor)
-    return [(I.IRelayQueue, ctx.queue), (I.IRecipientGateway, ctx.recipients.gateway)]
+    return [(I.IRelayQueue, ctx.queue), (I.IRelayIntake, ctx.store.relay),
+            (I.IRecipientGateway, ctx.recipients.gateway)]
 
 
 def test_every_implementer_verifies(tmp_path):
