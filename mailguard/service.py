@@ -24,7 +24,8 @@ from mailguard.config.settings import Configuration
 from mailguard.store.durable import DirSyncer, disk_runner, run_in_thread
 from mailguard.store.maildir import MaildirStore
 from mailguard.smtpd.factory import MailguardFactory, ServerContext
-from mailguard.gateway.gateway import build_gateway, gateway_vrfy
+from mailguard.gateway.build import build_gateway
+from mailguard.gateway.gateway import gateway_vrfy
 from mailguard.policy.greeting import GreetingPolicy
 from mailguard.policy.passwords import PasswordChecker
 from mailguard.config.values import parse_host_port

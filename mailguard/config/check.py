@@ -36,7 +36,7 @@ def summary(config: config_mod.Configuration) -> str:
         rules.append("SMTP-authenticated users")
     lines.append("relay: " + (" and ".join(rules) if rules else "nobody") + "; all else to non-local domains refused")
     if getattr(config, "gateway_enabled", False):
-        from mailguard.gateway.gateway import gateway_domains
+        from mailguard.gateway.build import gateway_domains
 
         backend = config.gateway_backend
         where = f"{backend[0]}:{backend[1]}" if backend else "the --relay-host"
