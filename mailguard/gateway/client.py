@@ -320,10 +320,8 @@ class VrfyClient(LineReceiver):
         self._timer = self.clock.callLater(self.timeout, self._timed_out)
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        _cancel(self._timer)
+        self._timer = None
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -338,10 +336,8 @@ class VrfyClient(LineReceiver):
             self._idle_timer = self.clock.callLater(self.idle_timeout, self._idle)
 
     def _stop_idle(self) -> None:
-        if self._idle_timer is not None:
-            if self._idle_timer.active():
-                self._idle_timer.cancel()
-            self._idle_timer = None
+        _cancel(self._idle_timer)
+        self._idle_timer = None
 
     def _idle(self) -> None:
         self._idle_timer = None
@@ -402,6 +398,12 @@ class VrfyClient(LineReceiver):
                 self._protocol_error(f"RSET answered {reply}")
 
         d.addCallbacks(done, lambda f: None)
+
+
+def _cancel(call) -> None:
+    """Cancel a pending C{IDelayedCall} (None, or one that ran: nothing)."""
+    if call is not None and call.active():
+        call.cancel()
 
 
 def as_unavailable(failure: Failure) -> Failure:

@@ -22,6 +22,7 @@ from twisted.internet import defer
 __all__ = [
     "DirSyncer",
     "disk_runner",
+    "empty_dir",
     "fsync_dir",
     "makedirs_durable",
     "run_in_thread",
@@ -60,6 +61,19 @@ def makedirs_durable(path: str) -> bool:
             pass
         fsync_dir(os.path.dirname(d))
     return created
+
+
+def empty_dir(path: str) -> int:
+    """Remove every file in C{path} (crash leftovers at start-up); returns
+    how many were removed."""
+    n = 0
+    for name in os.listdir(path):
+        try:
+            os.unlink(os.path.join(path, name))
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 def write_all(fd: int, data: bytes) -> None:

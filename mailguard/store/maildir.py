@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.interfaces import IIncomingMessage, IMessageStore
-from mailguard.store.durable import DirSyncer, makedirs_durable, run_inline, write_all
+from mailguard.store.durable import DirSyncer, empty_dir, makedirs_durable, run_inline, write_all
 from mailguard.store.envelope import Envelope
 
 __all__ = ["Envelope", "IncomingMessage", "MaildirStore", "ensure_maildir", "maildir_path"]
@@ -220,15 +220,9 @@ class MaildirStore:
         crash).  Returns how many were removed."""
         makedirs_durable(self.incoming)
         makedirs_durable(os.path.join(self.spool, "mail"))
-        n = 0
-        for name in os.listdir(self.incoming):
-            try:
-                os.unlink(os.path.join(self.incoming, name))
-                n += 1
-            except OSError:
-                pass
+        removed = empty_dir(self.incoming)
         self._opened = True
-        return n
+        return removed
 
     def begin(self, envelope: Envelope) -> IncomingMessage:
         if not self._opened:

@@ -32,7 +32,7 @@ from itertools import count
 
 from twisted.logger import Logger
 
-from mailguard.store.durable import DirSyncer, fsync_dir, makedirs_durable, write_all
+from mailguard.store.durable import DirSyncer, empty_dir, fsync_dir, makedirs_durable, write_all
 from mailguard.store.entries import QueueEntry
 from mailguard.store.envelope import Envelope
 
@@ -69,13 +69,7 @@ class QueueDir:
         half-done, and load the entries: (entries by id, files removed)."""
         makedirs_durable(self.active)
         makedirs_durable(self.tmp)
-        removed = 0
-        for name in os.listdir(self.tmp):
-            try:
-                os.unlink(os.path.join(self.tmp, name))
-                removed += 1
-            except OSError:
-                pass
+        removed = empty_dir(self.tmp)
         names = set(os.listdir(self.active))
         entries: dict[str, QueueEntry] = {}
         for name in sorted(names):
