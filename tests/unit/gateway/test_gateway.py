@@ -26,6 +26,7 @@ from twisted.test import iosim
 
 from mailguard.config import settings as config_mod
 from mailguard.gateway import gateway as gw
+from mailguard.policy import gatewayvrfy
 from mailguard import replies
 from mailguard.config import kerioxml
 from mailguard.policy.addresses import parse_path
@@ -971,7 +972,7 @@ def vrfy_policy(net, clock, *, trusted=True, enabled=True):
 
     directory = FakeUserDirectory({"local@example.org": "known"}, domains=["example.com", "example.org"])
     inner = VrfyPolicy(enabled, directory, _Trust(trusted))
-    return gw.gateway_vrfy(inner, make_gateway(net, clock))
+    return gatewayvrfy.gateway_vrfy(inner, make_gateway(net, clock))
 
 
 def vrfy(policy, net, argument):
@@ -986,9 +987,9 @@ def test_gateway_vrfy_policy_provides_the_interface(net, clock):
     from mailguard.interfaces import IVrfyPolicy
 
     policy = vrfy_policy(net, clock)
-    assert isinstance(policy, gw.GatewayVrfyPolicy)
+    assert isinstance(policy, gatewayvrfy.GatewayVrfyPolicy)
     assert verifyObject(IVrfyPolicy, policy)
-    assert gw.gateway_vrfy("inner", None) == "inner"
+    assert gatewayvrfy.gateway_vrfy("inner", None) == "inner"
 
 
 def test_gateway_vrfy_asks_the_backend_for_trusted_clients(net, clock):

@@ -29,6 +29,7 @@ from twisted.test import iosim
 from zope.interface.verify import verifyObject
 
 from mailguard.config import settings as config_mod
+from mailguard.policy import build
 from mailguard.store import dsn
 from mailguard.store.maildir import Envelope, MaildirStore, run_inline
 from mailguard.interfaces import IRelayQueue
@@ -160,7 +161,7 @@ class World:
     def __init__(self, tmp_path: Path, **kw) -> None:
         self.path = tmp_path
         self.spool = str(tmp_path / "spool")
-        self.config = config_mod.load(str(write_config(tmp_path / "mailserver.cfg")))
+        self.config, self.tables = build.load(str(write_config(tmp_path / "mailserver.cfg")))
         self.clock = Clock()
         self.clock.advance(T0)
         self.net = FakeNet()
@@ -169,7 +170,7 @@ class World:
 
     def start(self) -> None:
         kw = dict(relay_host=("relay.test", 25), hostname="mx.example.com",
-                  router=directory_router(self.config.directory), connect=self.net.connect)
+                  router=directory_router(self.tables.directory), connect=self.net.connect)
         kw.update(self.kw)
         self.queue = RelayQueue(self.spool, self.clock, **kw)
         self.store = MaildirStore(self.spool, run_inline, queue=self.queue)
