@@ -1,5 +1,5 @@
 import sys
 
-from mailguard.config.check import main
+from mailguard.check import main
 
 sys.exit(main())

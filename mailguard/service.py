@@ -4,8 +4,9 @@
 ``mailguard.tap``) and what an application embedding mailguard imports::
 
     from mailguard.service import build_service
-    from mailguard.config.settings import load
-    service = build_service(load("mailserver.cfg"), {"smtp": "tcp:25"}, reactor)
+    from mailguard.policy.build import load
+    config, tables = load("mailserver.cfg")
+    service = build_service(config, {"smtp": "tcp:25"}, reactor, tables)
     service.setServiceParent(application)
 """
 
@@ -24,16 +25,15 @@ from mailguard.config.settings import Configuration
 from mailguard.store.durable import DirSyncer, disk_runner, run_in_thread
 from mailguard.store.maildir import MaildirStore
 from mailguard.smtpd.factory import MailguardFactory, ServerContext
+from mailguard.config.problems import ConfigError, errors
 from mailguard.gateway.build import build_gateway
-from mailguard.gateway.gateway import gateway_vrfy
-from mailguard.policy.greeting import GreetingPolicy
-from mailguard.policy.passwords import PasswordChecker
+from mailguard.interfaces import IUserDirectory
+from mailguard.policy.build import Tables, build_policies, build_tables
 from mailguard.config.values import parse_host_port
 from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
 from mailguard.smtpd.proxy import ProxyHeaderFactory
-from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.smtpd.seclog import SecurityLog
 from mailguard.smtpd import tls as tls_mod
 
@@ -65,7 +65,8 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def build_context(config: Configuration, options: Mapping[str, Any], reactor) -> ServerContext:
+def build_context(config: Configuration, options: Mapping[str, Any], reactor,
+                  tables: Tables | None = None) -> ServerContext:
     """Everything the sessions share, built from the configuration."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     spool = os.path.abspath(opts["spool"])
@@ -74,11 +75,14 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor) ->
     tls = None
     if opts["tls-cert"]:
         tls = tls_mod.load_context(opts["tls-cert"], opts["tls-key"])
-    trust = TrustPolicy(config.ip_groups, config.relay_ip_group_enabled,
-                        config.relay_ip_group, config.relay_auth_enabled)
+    if tables is None:
+        tables, problems = build_tables(config)
+        if tables is None:
+            raise ConfigError(errors(problems))
     gateway = build_gateway(config, opts, reactor)  # None unless GatewayEnabled=1
+    policies = build_policies(config, reactor, tables=tables, gateway=gateway)
     syncer = DirSyncer()  # one group commit for the Maildirs and the queue
-    queue = build_queue(config, opts, reactor, spool, gateway, syncer=syncer)
+    queue = build_queue(config, opts, reactor, spool, tables.directory, gateway, syncer=syncer)
     store = MaildirStore(spool, queue.run, relay=queue, notices=queue.notices, syncer=syncer)
     queue.deliver = store.inject  # DSNs are stored like received mail
     removed = store.open()
@@ -90,13 +94,9 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor) ->
     return ServerContext(
         config=config,
         clock=reactor,
-        greeting=GreetingPolicy.from_config(config, reactor),
-        recipients=RecipientPolicy(config.directory, trust, gateway=gateway),
-        vrfy=gateway_vrfy(VrfyPolicy(config.vrfy_enabled, config.directory, trust), gateway),
-        trust=trust,
+        policies=policies,
         store=store,
         security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes),
-        passwords=PasswordChecker(config.users, config.directory),
         tls=tls,
         queue=queue,
         dsn=True,
@@ -105,7 +105,7 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor) ->
 
 
 def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: str,
-                gateway=None, syncer: DirSyncer | None = None) -> RelayQueue:
+                directory: IUserDirectory, gateway=None, syncer: DirSyncer | None = None) -> RelayQueue:
     """The relay queue (mailguard.store.queue) for --relay-host and the Queue*
     settings; fsync work runs in its own thread pool."""
     relay_host = parse_host_port(opts["relay-host"]) if opts.get("relay-host") else None
@@ -121,17 +121,22 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
         retry_min=config.queue_retry_min,
         retry_max=config.queue_retry_max,
         concurrency=config.queue_concurrency,
-        notices=Notifier(config.hostname, reactor, directory_router(config.directory, gateway)),
+        notices=Notifier(config.hostname, reactor, directory_router(directory, gateway)),
         syncer=syncer,
         tls=tls,
         tls_required=config.relay_tls_verify,
     )
 
 
-def build_service(config: Configuration, options: Mapping[str, Any], reactor) -> service.MultiService:
-    """The mailguard MultiService: one stream server per configured listener."""
+def build_service(config: Configuration, options: Mapping[str, Any], reactor,
+                  tables: Tables | None = None) -> service.MultiService:
+    """The mailguard MultiService: one stream server per configured listener.
+
+    @param tables: the IP groups, directory and passwords already built
+        from C{config} (by L{mailguard.policy.build.load}); built here if
+        not given (errors raise L{ConfigError})."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    context = build_context(config, opts, reactor)
+    context = build_context(config, opts, reactor, tables)
     top = service.MultiService()
     top.context = context  # for embedding applications and tests
     context.queue.setServiceParent(top)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from mailguard.config import settings as config_mod
 from mailguard.config.problems import ConfigError, errors
 from mailguard.config.values import parse_host_port
+from mailguard.policy import build
 from mailguard.service import DEFAULTS, build_service
 
 
@@ -49,7 +49,7 @@ class Options(usage.Options):
             if self[name] and ":" not in self[name]:
                 raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")
         try:
-            self.config = config_mod.load(self["config"], self["users"])
+            self.config, self.tables = build.load(self["config"], self["users"])
         except ConfigError as e:
             raise usage.UsageError("configuration errors:\n" + "\n".join(str(p) for p in errors(e.problems)))
         if self.config.gateway_enabled and not self["relay-host"]:
@@ -68,4 +68,4 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    return build_service(options.config, dict(options), reactor)
+    return build_service(options.config, dict(options), reactor, options.tables)

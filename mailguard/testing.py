@@ -99,42 +99,42 @@ class FakeUserDirectory:
 # --- a whole server context, for protocol tests ------------------------------
 
 
-def make_context(config=None, *, clock=None, spool=None, **overrides):
-    """A L{mailguard.smtpd.factory.ServerContext} with the real policies built from
-    C{config} (default: the embedded example), a C{task.Clock}, a Maildir
-    store under C{spool} whose disk work runs inline, and an unthreaded
-    security log.  C{overrides} replace any context field (a fake policy,
-    say).  Protocol tests drive a L{MailguardESMTP} with it over a
+def make_context(config=None, *, clock=None, spool=None, tables=None, gateway=None, **overrides):
+    """A L{mailguard.smtpd.factory.ServerContext} wired like production:
+    the policies come from L{mailguard.policy.build.build_policies} (the
+    function C{mailguard.service} uses), built from C{config} (default: the
+    embedded example), on a C{task.Clock}, with a Maildir store under
+    C{spool} whose disk work runs inline, and an unthreaded security log.
+
+    C{overrides} replace any context field, or any policy by its name
+    (C{recipients}, C{vrfy}, C{trust}, C{greeting}, C{passwords}): a fake
+    policy, say.  Protocol tests drive a session with it over a
     C{StringTransport}; see L{connect}.
     """
+    import dataclasses
     import os
     import tempfile
 
     from twisted.internet.task import Clock
 
-    from mailguard.config import settings as config_mod
-    from mailguard.store.maildir import MaildirStore, run_inline
+    from mailguard.config import settings
+    from mailguard.policy.build import Policies, build_policies
     from mailguard.smtpd.factory import ServerContext
-    from mailguard.policy.greeting import GreetingPolicy
-    from mailguard.policy.passwords import PasswordChecker
-    from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
     from mailguard.smtpd.seclog import SecurityLog
+    from mailguard.store.maildir import MaildirStore, run_inline
 
-    config = config if config is not None else config_mod.load(None)
+    config = config if config is not None else settings.load(None)
     clock = clock if clock is not None else Clock()
     spool = spool if spool is not None else tempfile.mkdtemp(prefix="mailguard-test-")
-    trust = TrustPolicy(config.ip_groups, config.relay_ip_group_enabled,
-                        config.relay_ip_group, config.relay_auth_enabled)
+    policies = build_policies(config, clock, tables=tables, gateway=gateway)
+    policy_names = {f.name for f in dataclasses.fields(Policies)}
+    policy_overrides = {k: overrides.pop(k) for k in list(overrides) if k in policy_names}
     fields = dict(
         config=config,
         clock=clock,
-        greeting=GreetingPolicy.from_config(config, clock),
-        recipients=RecipientPolicy(config.directory, trust),
-        vrfy=VrfyPolicy(config.vrfy_enabled, config.directory, trust),
-        trust=trust,
+        policies=dataclasses.replace(policies, **policy_overrides),
         store=_opened(MaildirStore(spool, run_inline)),
         security_log=SecurityLog(os.path.join(spool, "security.log"), clock, threaded=False),
-        passwords=PasswordChecker(config.users, config.directory),
     )
     fields.update(overrides)
     return ServerContext(**fields)

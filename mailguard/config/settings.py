@@ -2,9 +2,10 @@
 
 ``load()`` reads ``mailserver.cfg`` (and ``users.cfg``) with
 ``mailguard.config.kerioxml``, picks out the names mailguard uses (the ``SCALARS``
-table below and the record collections), checks every value, builds the IP
-groups and the user directory, and reports every problem at once as
-``FILE:LINE: message``.  Names mailguard does not use are ignored: a real
+table below and the record collections), checks every value, and reports
+every problem at once as ``FILE:LINE: message``.  It builds nothing from the
+records: the IP groups, the user directory and the password checker are
+built by ``mailguard.policy.build``, so this package stays a leaf.  Names mailguard does not use are ignored: a real
 Kerio file holds hundreds.
 
 To add a setting, add a field to ``Configuration`` and a row to ``SCALARS``;
@@ -17,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass, field, fields
 from importlib import resources
-from typing import Any, Callable
+from typing import Callable
 
 from mailguard.config import kerioxml
 from mailguard.config.values import (
@@ -47,7 +48,7 @@ class Scalar:
 
     name: str
     attr: str
-    parse: Callable[[str], Any]
+    parse: Callable[[str], object]
     kerio: bool = True  # False: a mailguard extension (documented as such)
 
 
@@ -143,12 +144,20 @@ class Configuration:
     users: tuple[UserRecord, ...] = ()
     aliases: tuple[AliasRecord, ...] = ()
     warnings: tuple[Problem, ...] = ()
-    # Built from the records by load(); typed loosely to keep this module
-    # free of import cycles.
-    ip_groups: Any = field(default=None, compare=False, repr=False)
-    directory: Any = field(default=None, compare=False, repr=False)
-    # Unused names, kept so nothing is lost if the file is ever rewritten.
-    document: Any = field(default=None, compare=False, repr=False)
+    # The whole parsed main file: the names mailguard does not use are kept,
+    # so nothing is lost if the file is ever rewritten.
+    document: Document | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def gateway_domain_names(self) -> tuple[str, ...]:
+        """GatewayDomains, or else every name of the Domain table (aliases too)."""
+        if self.gateway_domains:
+            return self.gateway_domains
+        out: list[str] = []
+        for d in self.domains:
+            out.append(d.name)
+            out.extend(d.aliases)
+        return tuple(dict.fromkeys(out))
 
 
 # --- collections ------------------------------------------------------------
@@ -301,7 +310,7 @@ def load_documents(docs: list[Document], source: str) -> tuple[Configuration | N
     ``mailserver.cfg``; later ones, such as ``users.cfg``, add records).
     Returns the configuration (None if there were errors) and every problem."""
     problems: list[Problem] = []
-    values: dict[str, Any] = {"source": source}
+    values: dict[str, object] = {"source": source}
     main = docs[0]
     for d in docs:
         problems.extend(d.problems)
@@ -327,30 +336,21 @@ def load_documents(docs: list[Document], source: str) -> tuple[Configuration | N
         users += _users(d, problems, default_domain)
         aliases += _aliases(d, problems, default_domain)
 
-    # Local imports: these modules import records, and config must stay
-    # importable on its own.
-    from mailguard.policy import directory as directory_mod
-    from mailguard.policy import ipgroups as ipgroups_mod
-    from mailguard.policy import passwords
-
-    groups, group_problems = ipgroups_mod.build(ip_rows)
-    problems += group_problems
+    # References to IP groups are checked here, on the rows' names; the
+    # groups themselves are built by mailguard.policy.build.
+    group_names = {row.group for row in ip_rows}
     for scalar_name, attr, enabled_attr in (
         ("SmtpGreetingDelayExceptions", "greeting_delay_exceptions", None),
         ("RelayControlIpGroup", "relay_ip_group", "relay_ip_group_enabled"),
     ):
         name = values.get(attr, "")
-        if name and name not in groups.names():
+        if name and name not in group_names:
             var = main.variables[scalar_name]
             severity = "error" if enabled_attr is None or values.get(enabled_attr) else "warning"
             problems.append(Problem(var.where, f'variable "{scalar_name}": IP group "{name}" does not exist', severity))
     if values.get("relay_ip_group_enabled") and not values.get("relay_ip_group"):
         var = main.variables["RelayControlIpGroupEnabled"]
         problems.append(Problem(var.where, 'variable "RelayControlIpGroupEnabled" is 1 but "RelayControlIpGroup" names no group'))
-
-    directory, dir_problems = directory_mod.build(domains, users, aliases)
-    problems += dir_problems
-    problems += passwords.password_warnings(users)
 
     if errors(problems):
         return None, problems
@@ -361,8 +361,6 @@ def load_documents(docs: list[Document], source: str) -> tuple[Configuration | N
         users=tuple(users),
         aliases=tuple(aliases),
         warnings=tuple(p for p in problems if not p.is_error),
-        ip_groups=groups,
-        directory=directory,
         document=main,
     )
     return config, problems

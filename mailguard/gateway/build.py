@@ -16,7 +16,7 @@ from mailguard.config.values import parse_host_port
 from mailguard.gateway.gateway import Gateway
 from mailguard.gateway.pool import BackendPool
 
-__all__ = ["backend_endpoint", "build_gateway", "gateway_domains"]
+__all__ = ["backend_endpoint", "build_gateway"]
 
 log = Logger()
 
@@ -36,17 +36,6 @@ def backend_endpoint(reactor, host: str, port: int, *, timeout: float, bind_addr
     return cls(reactor, host, port, timeout=timeout, bindAddress=bind)
 
 
-def gateway_domains(config) -> tuple[str, ...]:
-    """GatewayDomains, or else every name of the Domain table (aliases too)."""
-    if config.gateway_domains:
-        return tuple(config.gateway_domains)
-    out: list[str] = []
-    for d in config.domains:
-        out.append(d.name)
-        out.extend(d.aliases)
-    return tuple(dict.fromkeys(out))
-
-
 def build_gateway(config, options, reactor) -> Gateway | None:
     """The L{Gateway} the configuration asks for, or None (GatewayEnabled=0).
 
@@ -64,7 +53,7 @@ def build_gateway(config, options, reactor) -> Gateway | None:
         raise ValueError("GatewayEnabled is 1 but there is no --relay-host: "
                          "accepted mail could not be forwarded to the back-end")
     backend = config.gateway_backend or parse_host_port(relay_host)
-    domains = gateway_domains(config)
+    domains = config.gateway_domain_names
     if not domains:
         raise ValueError("GatewayEnabled is 1 but no domain is listed (GatewayDomains or the Domain table)")
     host, port = backend

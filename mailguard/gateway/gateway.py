@@ -17,11 +17,10 @@ Never accept-then-bounce: when the back-end cannot say, the client is told
 to try later.  Definitive answers are cached (L{mailguard.gateway.cache});
 concurrent lookups of one address share one query.
 
-- L{Gateway}: the cache, the in-flight sharing and the verdicts; what
-  L{mailguard.policy.decide.RecipientPolicy} calls.  It is a Twisted
-  service, so stopping mailguard says QUIT on every pooled connection.
-- L{GatewayVrfyPolicy}: VRFY from a trusted client about a gateway domain
-  gets the back-end's answer (the gateway has no users of its own there).
+L{Gateway} holds the cache, the in-flight sharing and the verdicts; it is
+what L{mailguard.policy.decide.RecipientPolicy} calls.  It is a Twisted
+service, so stopping mailguard says QUIT on every pooled connection.  (VRFY about a gateway domain is answered through the same L{Gateway} by
+L{mailguard.policy.gatewayvrfy.GatewayVrfyPolicy}.)
 
 L{mailguard.gateway.build} builds the real thing from the configuration
 (see ``docs/gateway.md`` for the settings); nothing here imports the
@@ -41,12 +40,11 @@ from zope.interface import implementer
 from mailguard import replies
 from mailguard.gateway.cache import TtlCache
 from mailguard.gateway.client import BackendAnswer, BackendUnavailable, Outcome
-from mailguard.interfaces import IRecipientGateway, IVrfyPolicy
-from mailguard.policy.addresses import AddressError, hidden_destination, parse_path, parse_vrfy_argument
+from mailguard.interfaces import IRecipientGateway
 from mailguard.policy.decide import RecipientVerdict
-from mailguard.replies import BACKEND_NO_ANSWER, Reply
+from mailguard.replies import BACKEND_NO_ANSWER
 
-__all__ = ["Gateway", "GatewayVrfyPolicy", "gateway_vrfy"]
+__all__ = ["Gateway"]
 
 log = Logger()
 
@@ -140,59 +138,3 @@ def _verdict(mailbox, outcome: Outcome, reason: str) -> RecipientVerdict:
                                 address=mailbox.address)
     return RecipientVerdict(replies.RECIPIENT_TRY_LATER, f"gateway: cannot verify now ({reason})",
                             address=mailbox.address)
-
-
-# --- VRFY on the gateway ----------------------------------------------------------
-
-
-@implementer(IVrfyPolicy)
-class GatewayVrfyPolicy:
-    """VRFY on a gateway: the gateway knows no users of its gateway
-    domains, so a trusted client asking about one gets the back-end's
-    answer (through the same cache); everything else is C{inner}'s.
-
-    Trusted, address in a gateway domain: ``250 2.1.5 <address>`` /
-    ``550 5.1.1``, or ``450 4.4.x`` when the back-end cannot say now.  A
-    bare user, when a primary domain is a gateway domain:
-    ``252 2.1.5`` (the gateway cannot tell).  Disabled, untrusted,
-    malformed, hidden destinations, other domains: as C{inner} answers.
-
-    @param inner: the L{mailguard.policy.decide.VrfyPolicy} (its C{enabled},
-        C{trust} and C{domains} are read).
-    @param gateway: the L{Gateway}.
-    """
-
-    def __init__(self, inner, gateway) -> None:
-        self.inner = inner
-        self.gateway = gateway
-
-    def answer(self, session, argument) -> defer.Deferred:
-        inner = self.inner
-        if not inner.enabled or not inner.trust.is_trusted(session):
-            return inner.answer(session, argument)
-        target = parse_vrfy_argument(argument)
-        if target is None:
-            return inner.answer(session, argument)
-        try:
-            mailbox = parse_path(f"<{target}>", allow_null=False)
-        except AddressError:  # a bare user
-            if any(self.gateway.handles(d) for d in inner.domains):
-                return defer.succeed(replies.VRFY_WITHHELD)
-            return inner.answer(session, argument)
-        assert mailbox is not None
-        if mailbox.is_ip_literal or hidden_destination(mailbox) or not self.gateway.handles(mailbox.domain):
-            return inner.answer(session, argument)
-        return self.gateway.check(mailbox).addCallback(_vrfy_reply)
-
-
-def _vrfy_reply(verdict: RecipientVerdict) -> Reply:
-    if verdict.accepted:
-        return replies.VRFY_KNOWN.with_text(replies.VRFY_KNOWN.text.format(address=verdict.address))
-    if verdict.reply == replies.UNKNOWN_USER:
-        return replies.VRFY_UNKNOWN
-    return verdict.reply
-
-
-def gateway_vrfy(inner, gateway):
-    """C{inner} itself without a gateway, else a L{GatewayVrfyPolicy}."""
-    return inner if gateway is None else GatewayVrfyPolicy(inner, gateway)

@@ -78,14 +78,6 @@ class GreetingPolicy:
         self.teaser = teaser
         self.pass_cache = pass_cache
 
-    @classmethod
-    def from_config(cls, config, clock) -> "GreetingPolicy":
-        cache = None
-        if config.greeting_pass_ttl > 0:
-            cache = PassCache(clock, config.greeting_pass_ttl, config.greeting_pass_cache_size)
-        return cls(config.greeting_delay, config.ip_groups,
-                   config.greeting_delay_exceptions, config.greeting_teaser, cache)
-
     def _exempt(self, session) -> GreetingDecision | None:
         """The reason C{session} is greeted at once without the pass
         cache, or None if the delay applies to it."""

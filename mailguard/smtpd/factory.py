@@ -13,13 +13,26 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import CertificateOptions
 from twisted.mail import smtp
 
 from mailguard import replies as R
 from mailguard.config.settings import Configuration
+from mailguard.interfaces import (
+    IGreetingPolicy,
+    IMessageStore,
+    IPasswordChecker,
+    IRecipientPolicy,
+    IRelayQueue,
+    ISecurityLog,
+    ITrustPolicy,
+    IVrfyPolicy,
+)
+from mailguard.policy.build import Policies
 from mailguard.smtpd.protocol import MailguardESMTP
 
 
@@ -88,7 +101,7 @@ class Connections:
         ctx = proto.factory.context
         session = proto.session
         group = ctx.config.greeting_delay_exceptions
-        if group and ctx.config.ip_groups is not None and ctx.config.ip_groups.contains(group, session.client_ip):
+        if group and ctx.policies.ip_groups.contains(group, session.client_ip):
             return True
         return bool(ctx.trust.is_trusted(session))
 
@@ -99,19 +112,20 @@ def _run_inline(f, *args):
 
 @dataclass
 class ServerContext:
+    """What every session of every listener shares.
+
+    C{config} and C{policies} belong together (one configuration and what
+    was built from it); the rest lives as long as the process."""
+
     config: Configuration
-    clock: Any  # IReactorTime
-    greeting: Any  # IGreetingPolicy
-    recipients: Any  # IRecipientPolicy
-    vrfy: Any  # IVrfyPolicy
-    trust: Any  # ITrustPolicy
-    store: Any  # IMessageStore
-    security_log: Any  # ISecurityLog
-    passwords: Any = None  # IPasswordChecker
-    tls: Any = None  # an OpenSSL context factory, or None
-    queue: Any = None  # IRelayQueue, or None
+    clock: IReactorTime
+    policies: Policies
+    store: IMessageStore
+    security_log: ISecurityLog
+    tls: CertificateOptions | None = None  # STARTTLS / smtps, or None
+    queue: IRelayQueue | None = None
     dsn: bool = False  # advertise and accept DSN parameters
-    run_blocking: Callable = _run_inline  # runs slow work (PBKDF2) off the reactor
+    run_blocking: Callable[..., defer.Deferred] = _run_inline  # slow work (PBKDF2) off the reactor
     connections: Connections = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -121,6 +135,27 @@ class ServerContext:
     @property
     def hostname(self) -> str:
         return self.config.hostname
+
+    # The policies, by name, as the protocol asks them.
+    @property
+    def greeting(self) -> IGreetingPolicy:
+        return self.policies.greeting
+
+    @property
+    def recipients(self) -> IRecipientPolicy:
+        return self.policies.recipients
+
+    @property
+    def vrfy(self) -> IVrfyPolicy:
+        return self.policies.vrfy
+
+    @property
+    def trust(self) -> ITrustPolicy:
+        return self.policies.trust
+
+    @property
+    def passwords(self) -> IPasswordChecker | None:
+        return self.policies.passwords
 
 
 class MailguardFactory(smtp.SMTPFactory):

@@ -21,18 +21,14 @@ import mailguard
 
 PACKAGE = Path(mailguard.__file__).resolve().parent
 
-# Known edges the lead is removing (delete an entry when its import goes).
-# Each one makes config import a layer above it.
-KNOWN_EDGES = {
-    # Configuration builds the policy objects lazily (policy/build.py will).
-    ("mailguard.config.settings", "mailguard.policy.directory"),
-    ("mailguard.config.settings", "mailguard.policy.ipgroups"),
-    ("mailguard.config.settings", "mailguard.policy.passwords"),
-    ("mailguard.config.settings", "mailguard.policy"),
-    # `check` prints the gateway domains with the gateway's own helper.
-    ("mailguard.config.check", "mailguard.gateway.build"),
-    ("mailguard.config.check", "mailguard.gateway"),
-}
+# Known edges that break the layering and are being removed: (importer,
+# imported) pairs the tests below let pass.  Each entry needs a comment
+# saying why it is there; delete it when its import goes (the test
+# test_known_edges_are_still_there insists).  The lazy imports from
+# config/settings.py into policy/ and from config/check.py into gateway/
+# were listed here until policy/build.py and the top-level check.py
+# removed them.
+KNOWN_EDGES: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:
@@ -126,8 +122,13 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_the_cycle_finder_finds_cycles():
+def test_the_cycle_finder_finds_cycles(tmp_path):
     """The test above can fail: a lazy import back into the store is found."""
+    lazy = tmp_path / "durable.py"
+    lazy.write_text("import os\n\ndef f():\n    from mailguard.store import maildir\n"
+                    "    from . import queue\n    import mailguard.store.envelope\n")
+    assert _imported("mailguard.store.durable", lazy) == {
+        "mailguard.store.maildir", "mailguard.store.queue", "mailguard.store.envelope"}
     graph = _graph()
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     graph["mailguard.store.durable"] = graph["mailguard.store.durable"] | {"mailguard.store.maildir"}
@@ -138,7 +139,7 @@ def test_the_cycle_finder_finds_cycles():
 def test_known_edges_are_still_there():
     """An allowed edge that no longer exists must leave the list."""
     graph = _graph()
-    gone = sorted(e for e in KNOWN_EDGES if e[1] not in graph[e[0]])
+    gone = sorted(e for e in KNOWN_EDGES if e[1] not in graph.get(e[0], ()))
     assert not gone, f"remove from KNOWN_EDGES: {gone}"
 
 

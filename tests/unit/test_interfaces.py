@@ -9,7 +9,7 @@ from zope.interface.verify import verifyObject
 from mailguard.config import settings as config_mod
 from mailguard import interfaces as I
 from mailguard.store.maildir import Envelope, MaildirStore
-from mailguard.policy.greeting import GreetingPolicy
+from mailguard.policy import build
 from mailguard.policy.passwords import PasswordChecker
 from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
 from mailguard.smtpd.seclog import SecurityLog
@@ -17,20 +17,21 @@ from mailguard.testing import FakeUserDirectory
 
 
 def _implementers(tmp_path):
-    config = config_mod.load(None)
+    config, tables = build.load(None)
     clock = Clock()
-    trust = TrustPolicy(config.ip_groups, True, "Trusted relays", True)
+    policies = build.build_policies(config, clock, tables=tables)
+    trust = TrustPolicy(tables.ip_groups, True, "Trusted relays", True)
     store = MaildirStore(str(tmp_path))
     store.open()
     return [
-        (I.IIPGroups, config.ip_groups),
-        (I.IUserDirectory, config.directory),
+        (I.IIPGroups, tables.ip_groups),
+        (I.IUserDirectory, tables.directory),
         (I.IUserDirectory, FakeUserDirectory({"a@b.test": "known"})),
-        (I.IPasswordChecker, PasswordChecker(config.users, config.directory)),
+        (I.IPasswordChecker, PasswordChecker(config.users, tables.directory)),
         (I.ITrustPolicy, trust),
-        (I.IRecipientPolicy, RecipientPolicy(config.directory, trust)),
-        (I.IVrfyPolicy, VrfyPolicy(True, config.directory, trust)),
-        (I.IGreetingPolicy, GreetingPolicy.from_config(config, clock)),
+        (I.IRecipientPolicy, RecipientPolicy(tables.directory, trust)),
+        (I.IVrfyPolicy, VrfyPolicy(True, tables.directory, trust)),
+        (I.IGreetingPolicy, policies.greeting),
         (I.ISecurityLog, SecurityLog(str(tmp_path / "s.log"), clock, threaded=False)),
         (I.IMessageStore, store),
         (I.IIncomingMessage, store.begin(Envelope("a@b.test", ("john@example.com",)))),
@@ -48,7 +49,7 @@ def _context_extras(tmp_path):
     config = dataclasses.replace(config_mod.load(None), gateway_enabled=True)
     ctx = build_context(config, {"spool": str(tmp_path / "ctx"), "relay-host": "127.0.0.1:1"}, reactor)
     return [(I.IRelayQueue, ctx.queue), (I.IRelayIntake, ctx.store.relay),
-            (I.IRecipientGateway, ctx.recipients.gateway)]
+            (I.IRecipientGateway, ctx.recipients.gateway), (I.IVrfyPolicy, ctx.vrfy)]
 
 
 def test_every_implementer_verifies(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from mailguard.config import settings as C
 from mailguard.config import kerioxml
+from mailguard.policy import build
 from mailguard.config.problems import ConfigError
 from tests.conftest import EXAMPLE, write_config
 
@@ -69,16 +70,16 @@ def _realistic_kerio(path, n_noise: int = 400, seed: int = 7) -> None:
 def test_realistic_large_file(tmp_path):
     path = tmp_path / "mailserver.cfg"
     _realistic_kerio(path)
-    config = C.load(str(path))
+    config, tables = build.load(str(path))
     assert config.hostname == "mx.big.example"
     assert config.vrfy_enabled is True
     assert config.greeting_delay == 25
     assert [d.name for d in config.domains] == ["big.example", "other.example"]
     assert len(config.users) == 200
-    assert config.ip_groups.contains("Local", "10.1.2.3")
-    assert config.ip_groups.contains("Relays", "192.0.2.5")
-    assert not config.ip_groups.contains("Relays", "192.0.2.10")
-    assert len(config.directory) == 200
+    assert tables.ip_groups.contains("Local", "10.1.2.3")
+    assert tables.ip_groups.contains("Relays", "192.0.2.5")
+    assert not tables.ip_groups.contains("Relays", "192.0.2.10")
+    assert len(tables.directory) == 200
     # Unused names are kept, not lost.
     doc = config.document
     assert sum(1 for n in doc.variables if n.startswith("Unused")) > 50
@@ -95,10 +96,10 @@ def test_defaults_match_spec(tmp_path):
 
 
 def test_example_loads_with_every_kerio_name():
-    c = C.load(str(EXAMPLE))
+    c, tables = build.load(str(EXAMPLE))
     assert c.hostname == "mail.example.com"
-    assert c.directory.lookup("sales@example.net").status.name == "KNOWN"
-    assert c.ip_groups.contains("No greeting delay", "127.0.0.2")  # via group:
+    assert tables.directory.lookup("sales@example.net").status.name == "KNOWN"
+    assert tables.ip_groups.contains("No greeting delay", "127.0.0.2")  # via group:
 
 
 def test_embedded_default_equals_example():
@@ -132,7 +133,7 @@ def test_users_cfg_beside_config_is_read(tmp_path):
 def _problems(tmp_path, text: str, name="mailserver.cfg"):
     path = tmp_path / name
     path.write_text(text)
-    config, problems = C.read(str(path))
+    config, _tables, problems = build.read(str(path))
     return config, [str(p) for p in problems], str(path)
 
 
@@ -199,7 +200,7 @@ def test_group_including_itself(tmp_path):
     body = ('<list name="IpAddressGroup"><listitem><variable name="Group">Loop</variable>'
             '<variable name="Address">group:Loop</variable></listitem></list>')
     cfg = write_config(tmp_path / "mailserver.cfg", body=body)
-    config, problems = C.read(str(cfg))
+    config, _tables, problems = build.read(str(cfg))
     assert config is None
     assert any("Loop" in str(p) and str(p).startswith(f"{cfg}:") for p in problems)
 
@@ -208,7 +209,7 @@ def test_duplicate_user(tmp_path):
     body = ('<list name="User"><listitem><variable name="Name">JOHN</variable>'
             '<variable name="Domain">example.com</variable></listitem></list>')
     cfg = write_config(tmp_path / "mailserver.cfg", body=body)
-    config, problems = C.read(str(cfg))
+    config, _tables, problems = build.read(str(cfg))
     assert config is None
     msgs = [str(p) for p in problems if p.is_error]
     assert any("john" in m.lower() and m.startswith(f"{cfg}:") for m in msgs), msgs

@@ -11,8 +11,9 @@ import pytest
 from twisted.internet import defer
 
 from mailguard import replies
-from mailguard.gateway.gateway import Gateway, GatewayVrfyPolicy, gateway_vrfy
+from mailguard.gateway.gateway import Gateway
 from mailguard.policy.decide import RecipientPolicy, RecipientVerdict, Session
+from mailguard.policy.gatewayvrfy import GatewayVrfyPolicy, gateway_vrfy
 from mailguard.replies import BACKEND_NO_ANSWER
 from mailguard.testing import FakeUserDirectory, result_of
 from tests.unit.gateway.helpers import check, make_gateway, mbox

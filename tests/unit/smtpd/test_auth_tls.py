@@ -7,6 +7,8 @@ real ``twistd -n mailguard`` with a certificate made by ``tests/certs.py``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import hashlib
 import hmac
@@ -441,7 +443,7 @@ def test_credentials_never_reach_the_log(ctx):
 
 
 def test_internal_error_in_auth_logs_no_credentials(ctx):
-    ctx.passwords = ExplodingPasswords()
+    ctx.policies = dataclasses.replace(ctx.policies, passwords=ExplodingPasswords())
     with LogCapture() as logs:
         s = tls_session(ctx)
         assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == [code(R.AUTH_TEMPORARY)]

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from mailguard import replies as R
 from mailguard.config.settings import load
+from mailguard.policy.build import build_tables
 from mailguard.policy.greeting import GREET_NOW, GreetingPolicy, PassCache
 from mailguard.policy.decide import Session
 from mailguard.testing import connect, make_context
@@ -281,7 +282,7 @@ def test_ipv4_mapped_client_is_matched_as_ipv4(server):
     ("smtp", "192.0.2.9", 0.0, 0.0),
 ])
 def test_decision_table(base_config, listener, ip, delay, expected):
-    policy = GreetingPolicy(delay, base_config.ip_groups, "NoDelay")
+    policy = GreetingPolicy(delay, build_tables(base_config)[0].ip_groups, "NoDelay")
     decision = policy.decide(Session(ip, 1, listener))
     assert decision.delay == expected
     assert not decision.teaser

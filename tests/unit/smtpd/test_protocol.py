@@ -10,6 +10,8 @@ context (``tests/helpers_context.py``); AUTH and real-socket TLS are in
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 
@@ -767,7 +769,7 @@ def test_starttls_pipelined_in_separate_reads_before_the_reply(tctx):
     """Bytes already buffered behind STARTTLS when it is processed (a
     pending RCPT check held them back) are discarded too."""
     slow = SlowRecipients()
-    tctx.recipients = slow
+    tctx.policies = dataclasses.replace(tctx.policies, recipients=slow)
     s = ehlo(tctx)
     out = s.send(f"MAIL FROM:<a@b.test>\r\nRCPT TO:<{JOHN}>\r\nSTARTTLS\r\n")
     out += s.send("RSET\r\nMAIL FROM:<evil@b.test>\r\n")

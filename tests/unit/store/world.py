@@ -12,7 +12,7 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 
-from mailguard.config import settings as config_mod
+from mailguard.policy import build
 from mailguard.store.durable import DirSyncer, run_inline
 from mailguard.store.maildir import Envelope, MaildirStore
 from mailguard.store.notices import Notifier, directory_router
@@ -31,7 +31,7 @@ class World:
     def __init__(self, tmp_path: Path, **kw) -> None:
         self.path = tmp_path
         self.spool = str(tmp_path / "spool")
-        self.config = config_mod.load(str(write_config(tmp_path / "mailserver.cfg")))
+        self.config, self.tables = build.load(str(write_config(tmp_path / "mailserver.cfg")))
         self.clock = Clock()
         self.clock.advance(T0)
         self.net = FakeSMTPBackend(hostname="relay.test")
@@ -41,7 +41,7 @@ class World:
     def start(self) -> None:
         """Build and open the queue and the store, as at start-up."""
         syncer = DirSyncer()
-        notices = Notifier("mx.example.com", self.clock, directory_router(self.config.directory))
+        notices = Notifier("mx.example.com", self.clock, directory_router(self.tables.directory))
         kw = dict(relay_host=("relay.test", 25), hostname="mx.example.com", notices=notices,
                   syncer=syncer, connect=self.net.connect)
         kw.update(self.kw)

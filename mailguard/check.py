@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mailguard.config import settings as config_mod
 from mailguard.config.problems import errors
+from mailguard.config.settings import Configuration
+from mailguard.policy import build
+from mailguard.policy.build import Tables
 
 
-def summary(config: config_mod.Configuration) -> str:
+def summary(config: Configuration, tables: Tables) -> str:
     lines = [f"configuration: {config.source}", f"hostname: {config.hostname}"]
     doms = []
     for d in config.domains:
@@ -18,10 +20,10 @@ def summary(config: config_mod.Configuration) -> str:
     enabled = sum(1 for u in config.users if u.enabled)
     lines.append(f"users: {len(config.users)} ({enabled} enabled, {len(config.users) - enabled} disabled)")
     lines.append(f"aliases: {len(config.aliases)}")
-    groups = sorted(config.ip_groups.names())
+    groups = sorted(tables.ip_groups.names())
     lines.append(f"IP groups: {len(groups)}")
     for g in groups:
-        lines.append(f"  {config.ip_groups.describe(g)}")
+        lines.append(f"  {tables.ip_groups.describe(g)}")
     lines.append(f"VRFY: {'enabled (trusted clients only)' if config.vrfy_enabled else 'disabled'}")
     if config.greeting_delay > 0:
         exc = f", except IP group \"{config.greeting_delay_exceptions}\"" if config.greeting_delay_exceptions else ""
@@ -35,12 +37,10 @@ def summary(config: config_mod.Configuration) -> str:
     if config.relay_auth_enabled:
         rules.append("SMTP-authenticated users")
     lines.append("relay: " + (" and ".join(rules) if rules else "nobody") + "; all else to non-local domains refused")
-    if getattr(config, "gateway_enabled", False):
-        from mailguard.gateway.build import gateway_domains
-
+    if config.gateway_enabled:
         backend = config.gateway_backend
         where = f"{backend[0]}:{backend[1]}" if backend else "the --relay-host"
-        lines.append(f"gateway: recipients of {', '.join(gateway_domains(config))} verified with VRFY at {where}")
+        lines.append(f"gateway: recipients of {', '.join(config.gateway_domain_names)} verified with VRFY at {where}")
     else:
         lines.append("gateway: off (recipients checked against the local users)")
     lines.append(f"max message size: {config.max_message_size} bytes")
@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     check.add_argument("--users", default=None, help="users.cfg (default: beside FILE, if present)")
     args = parser.parse_args(argv)
-    config, problems = config_mod.read(args.file, args.users)
+    config, tables, problems = build.read(args.file, args.users)
     for p in problems:
         if not p.is_error:
             print(p, file=sys.stderr)
-    if config is None:
+    if config is None or tables is None:
         for p in errors(problems):
             print(p, file=sys.stderr)
         return 1
-    print(summary(config))
+    print(summary(config, tables))
     return 0
