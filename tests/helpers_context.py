@@ -4,7 +4,8 @@
 Everything is real (configuration loaded with ``mailguard.config.settings.load``,
 the real policies, a ``MaildirStore`` in a temporary directory running its
 disk work inline) except the clock; sessions are driven over a
-``StringTransport`` by ``mailguard.testing.connect``.
+``StringTransport`` by ``mailguard.testing.connect``.  And what such a
+session stored, read back from the spool's Maildirs.
 """
 
 from __future__ import annotations
@@ -34,3 +35,22 @@ def make_context(tmp_path: Path, variables: dict[str, str] | None = None, *, use
     ctx = testing.make_context(cfg, clock=clock, spool=str(tmp_path / "spool"), **overrides)
     ctx.security_log = SecurityLog(str(tmp_path / "security.log"), ctx.clock, threaded=False)
     return ctx
+
+
+def maildir_messages(context, mailbox: str) -> list[bytes]:
+    """The messages in C{mailbox}'s Maildir C{new/}, oldest name first."""
+    local, domain = mailbox.split("@")
+    new = Path(context.store.spool) / "mail" / domain / local / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+
+def body_of(message: bytes) -> bytes:
+    """The stored message without the Return-Path and Received headers
+    mailguard prepends."""
+    assert message.startswith(b"Return-Path: <")
+    message = message[message.index(b"\r\n") + 2:]
+    assert message.startswith(b"Received: ")
+    # The header ends with ";" CRLF TAB date CRLF (the body may itself
+    # start with whitespace, so folding cannot tell where it ends).
+    date = message.index(b";\r\n\t") + 4
+    return message[message.index(b"\r\n", date) + 2:]

@@ -11,7 +11,7 @@ does not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mailguard import replies
@@ -103,12 +103,20 @@ def mail_refusal(session: Session) -> Refusal | None:
     return None
 
 
-def mail_parameters(params: Mapping[str, str | None], *, max_size: int, dsn: bool) -> Refusal | None:
+DSNCheck = Callable[[str, "str | None"], "str | None"]
+
+
+def mail_parameters(params: Mapping[str, str | None], *, max_size: int,
+                    dsn: DSNCheck | None) -> Refusal | None:
     """The first MAIL FROM parameter refused, or None.
 
     A malformed value is a client error (``501``); a declared SIZE over
     the limit (``552``, RFC 1870; ``SIZE 0`` is no limit) and a parameter
-    we do not support (``555``) are answers to a legitimate request."""
+    we do not support (``555``) are answers to a legitimate request.
+
+    @param dsn: where DSN is offered, the syntax check of its RET and ENVID
+        (C{mailguard.store.dsn.check_mail_parameter}: why a value is
+        refused, or None); None where it is not."""
     for key, value in params.items():
         if key == "SIZE":
             if value is None or not value.isdigit():
@@ -120,10 +128,8 @@ def mail_parameters(params: Mapping[str, str | None], *, max_size: int, dsn: boo
                 return Refusal(replies.BAD_PARAMETER.with_text("BODY must be 7BIT or 8BITMIME"), error=False)
         elif key == "AUTH":  # RFC 4954 5: accepted, the value is not trusted
             pass
-        elif key in ("RET", "ENVID") and dsn:  # RFC 3461; kept in the envelope
-            from mailguard.store.dsn import check_mail_parameter
-
-            why = check_mail_parameter(key, value)
+        elif key in ("RET", "ENVID") and dsn is not None:  # RFC 3461; kept in the envelope
+            why = dsn(key, value)
             if why is not None:
                 return Refusal(replies.SYNTAX_ERROR.with_text(why))
         else:
@@ -131,16 +137,15 @@ def mail_parameters(params: Mapping[str, str | None], *, max_size: int, dsn: boo
     return None
 
 
-def rcpt_parameters(params: Mapping[str, str | None], *, dsn: bool) -> Refusal | None:
+def rcpt_parameters(params: Mapping[str, str | None], *, dsn: DSNCheck | None) -> Refusal | None:
     """The first RCPT TO parameter refused, or None: only DSN's NOTIFY and
-    ORCPT (RFC 3461), and only where DSN is offered.  Every refusal here
-    counts as an error (as Postfix counts them)."""
+    ORCPT (RFC 3461; kept per recipient), and only where DSN is offered
+    (C{dsn}: C{mailguard.store.dsn.check_rcpt_parameter}).  Every refusal
+    here counts as an error (as Postfix counts them)."""
     for key, value in params.items():
-        if not (dsn and key in ("NOTIFY", "ORCPT")):
+        if not (dsn is not None and key in ("NOTIFY", "ORCPT")):
             return Refusal(replies.BAD_PARAMETER.with_text(f"Unsupported RCPT parameter {key}"))
-        from mailguard.store.dsn import check_rcpt_parameter  # kept per recipient
-
-        why = check_rcpt_parameter(key, value)
+        why = dsn(key, value)
         if why is not None:
             return Refusal(replies.SYNTAX_ERROR.with_text(why))
     return None

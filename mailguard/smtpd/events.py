@@ -16,26 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mailguard.smtpd.framing import Marker
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from mailguard.policy.addresses import Mailbox
     from mailguard.policy.session import Session
     from mailguard.smtpd.sasl import CramMD5Credentials, PlainCredentials
-    from mailguard.store.maildir import Envelope
-
-
-class Marker:
-    """A named value that carries nothing: compared by identity (framing
-    events, SASL outcomes, the signals below)."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
+    from mailguard.store.envelope import Envelope
 
 
 class Signal(Marker):

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 
-from mailguard.smtpd.events import Marker as _Event
-
 __all__ = [
     "AUTH_LINE_MAX",
     "BARE_LINE_ENDING",
@@ -39,6 +37,20 @@ _AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
 _EMPTY = b""
 
 
+class Marker:
+    """A named value that carries nothing, compared by identity: the
+    framing events here, SASL outcomes, the session's signals."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_Event = Marker
 LINE_TOO_LONG = _Event("LINE_TOO_LONG")  # a command line over its limit (reported once)
 END_OF_DATA = _Event("END_OF_DATA")  # the terminating "." line
 BARE_LINE_ENDING = _Event("BARE_LINE_ENDING")  # a CR or LF not in a CRLF pair (smuggling)

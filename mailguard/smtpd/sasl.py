@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mailguard.smtpd.events import Marker as _Outcome
+from mailguard.smtpd.framing import Marker as _Outcome
 
 __all__ = [
     "ABORTED",

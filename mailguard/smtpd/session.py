@@ -35,10 +35,11 @@ from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
 from mailguard.smtpd.extensions import AUTH, CLOSED, COMMAND, DATA, Extensions
+from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
 from mailguard.smtpd.transaction import Transaction, envelope_of, trace_headers
 
 if TYPE_CHECKING:
-    from mailguard.smtpd.factory import ServerContext
+    from mailguard.smtpd.context import ServerContext
 
 log = Logger()
 
@@ -56,7 +57,7 @@ class ServerSession(Extensions):
     @param facts: the session facts at the greeting.
     @param context: what every session shares (the configuration, the
         clock, the trust policy and password checker); see
-        L{mailguard.smtpd.factory.ServerContext}.  Only plain decisions are
+        L{mailguard.smtpd.context.ServerContext}.  Only plain decisions are
         made with it here; everything that waits is a request.
     @param token: randomness for the CRAM-MD5 nonce.
     """
@@ -342,7 +343,8 @@ class ServerSession(Extensions):
         except AddressError as e:
             return self._error(e.reply)
         config = self.context.config
-        refusal = mail_parameters(params, max_size=config.max_message_size, dsn=self.context.dsn)
+        refusal = mail_parameters(params, max_size=config.max_message_size,
+                                  dsn=check_mail_parameter if self.context.dsn else None)
         if refusal is not None:
             return self._refuse(refusal)
         self.transaction = Transaction(sender.address if sender is not None else "", params)
@@ -357,7 +359,7 @@ class ServerSession(Extensions):
             mailbox, params = parse_rcpt_to(arg, postmaster_domain=domains[0].name if domains else None)
         except AddressError as e:
             return self._error(e.reply)
-        refusal = rcpt_parameters(params, dsn=self.context.dsn)
+        refusal = rcpt_parameters(params, dsn=check_rcpt_parameter if self.context.dsn else None)
         if refusal is not None:
             return self._refuse(refusal)
         if len(transaction.recipients) >= self.context.config.max_recipients:

@@ -9,7 +9,7 @@ import time
 from twisted.mail.smtp import rfc822date
 
 from mailguard.policy.session import Session
-from mailguard.store.maildir import Envelope
+from mailguard.store.envelope import Envelope
 
 __all__ = ["Transaction", "envelope_of", "protocol_type", "trace_headers"]
 

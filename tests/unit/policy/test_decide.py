@@ -15,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -24,6 +23,7 @@ from mailguard.policy.addresses import AddressError, Mailbox, hidden_destination
 from mailguard.interfaces import IIPGroups, IRecipientPolicy, ITrustPolicy, IUserDirectory, IVrfyPolicy
 from mailguard.policy.decide import RecipientPolicy, RecipientVerdict, TrustPolicy, VrfyPolicy
 from mailguard.policy.session import Session
+from mailguard.testing import result_of
 
 try:
     from mailguard.policy.directory import LookupStatus
@@ -175,16 +175,6 @@ AUTHED = Session("198.51.100.7", 40003, "submission", tls=True, authenticated=f"
 
 def trust(relay_group_enabled=True, auth_enabled=True, group="Trusted") -> TrustPolicy:
     return TrustPolicy(GROUPS, relay_group_enabled, group, auth_enabled)
-
-
-def result_of(d: defer.Deferred):
-    """The result of an already-fired Deferred (raising its failure)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 # --- interfaces ---------------------------------------------------------------------

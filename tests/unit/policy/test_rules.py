@@ -20,6 +20,7 @@ from mailguard.policy.rules import (
     vrfy_refusal,
 )
 from mailguard.policy.session import Session
+from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
 
 SIZE_TEXT = "SIZE requires a number"
 
@@ -98,11 +99,11 @@ BAD_PARAMETER = replies.BAD_PARAMETER
      Refusal(BAD_PARAMETER.with_text("Unsupported MAIL parameter FOO"), error=False)),
 ])
 def test_mail_parameters(params, dsn, expected):
-    assert mail_parameters(params, max_size=2000, dsn=dsn) == expected
+    assert mail_parameters(params, max_size=2000, dsn=check_mail_parameter if dsn else None) == expected
 
 
 def test_mail_size_zero_limit_is_no_limit():
-    assert mail_parameters({"SIZE": str(10 ** 12)}, max_size=0, dsn=False) is None
+    assert mail_parameters({"SIZE": str(10 ** 12)}, max_size=0, dsn=None) is None
 
 
 @pytest.mark.parametrize("params, dsn, expected", [
@@ -116,7 +117,7 @@ def test_mail_size_zero_limit_is_no_limit():
     ({"FOO": "x"}, True, Refusal(BAD_PARAMETER.with_text("Unsupported RCPT parameter FOO"), error=True)),
 ])
 def test_rcpt_parameters(params, dsn, expected):
-    assert rcpt_parameters(params, dsn=dsn) == expected
+    assert rcpt_parameters(params, dsn=check_rcpt_parameter if dsn else None) == expected
 
 
 UNTRUSTED = Session("127.0.0.3", 1, "smtp")

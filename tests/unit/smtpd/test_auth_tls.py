@@ -27,8 +27,8 @@ from mailguard.policy.passwords import make_sha_password
 from mailguard.tap import Options
 from tests.certs import make_certs
 from tests.conftest import free_port, wait_for_port
-from mailguard.testing import LogCapture, b64, connect, maildir_messages
-from tests.helpers_context import USERS, make_context, write_config
+from mailguard.testing import LogCapture, b64, connect
+from tests.helpers_context import USERS, maildir_messages, make_context, write_config
 
 TLS = object()  # stand-in TLS context: TLSStringTransport only records it
 JOHN = "john@example.com"

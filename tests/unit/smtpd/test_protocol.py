@@ -25,8 +25,8 @@ from zope.interface import implementer
 from mailguard import replies as R
 from mailguard.interfaces import IRecipientPolicy
 from mailguard.policy.decide import RecipientVerdict
-from mailguard.testing import LogCapture, body_of, connect, maildir_messages
-from tests.helpers_context import make_context
+from mailguard.testing import LogCapture, connect
+from tests.helpers_context import body_of, maildir_messages, make_context
 
 JOHN = "john@example.com"
 SENTINEL_TLS = object()  # a stand-in TLS context: the fake transport only records it
