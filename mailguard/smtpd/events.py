@@ -31,6 +31,9 @@ class Signal(Marker):
     __slots__ = ()
 
 
+# The session's modes (C{session.mode}), compared by identity.
+COMMAND, AUTH, DATA, CLOSED = "COMMAND", "AUTH", "DATA", "CLOSED"
+
 NEED_DATA = Signal("NEED_DATA")
 PAUSED = Signal("PAUSED")
 CLOSED = Signal("CLOSED")

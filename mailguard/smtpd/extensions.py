@@ -18,10 +18,10 @@ from mailguard.policy.addresses import parse_etrn_argument
 from mailguard.policy.rules import auth_mechanisms, etrn_refusal
 from mailguard.smtpd import events as E
 from mailguard.smtpd import sasl
+from mailguard.smtpd.events import AUTH, CLOSED, COMMAND
 
 log = Logger()
 
-COMMAND, AUTH, DATA, CLOSED = "COMMAND", "AUTH", "DATA", "CLOSED"
 # Failed AUTH attempts per session: the n-th is answered after n seconds,
 # the last closes the session.  Not 3: smtplib and mail clients try every
 # advertised mechanism with one wrong password before giving up.

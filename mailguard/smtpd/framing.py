@@ -123,7 +123,7 @@ class DataReader:
         self.max_size = max_size
         self.line_max = line_max
         self.size = 0  # unstuffed octets so far
-        self.failed: _Event | None = None
+        self.failed: object | None = None  # why the message failed
         self._at_line_start = True
 
     def read(self, buf: bytes) -> tuple[bytes | _Event | None, bytes]:
@@ -184,6 +184,12 @@ class DataReader:
         if 0 < self.max_size < self.size:
             return self._fail(MESSAGE_TOO_BIG)
         return data
+
+    def fail(self, reason: object) -> None:
+        """The message failed elsewhere (it could not be stored): read on
+        to its end, returning no more of it."""
+        if self.failed is None:
+            self.failed = reason
 
     def _fail(self, event: _Event) -> _Event | None:
         """The first failure is reported; later ones are not."""

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from mailguard import replies as R
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
+from mailguard.smtpd.events import DATA
 from mailguard.smtpd.session import ServerSession
 from mailguard.smtpd.sasl import CramMD5Credentials
 
@@ -186,7 +187,7 @@ class MailguardESMTP(Protocol):
                     handle(event)
         finally:
             self._running = False
-        if self._normal_read_size is not None and smtp.mode != "DATA":
+        if self._normal_read_size is not None and smtp.mode is not DATA:
             if self._normal_read_size:
                 self.transport.bufferSize = self._normal_read_size
             self._normal_read_size = None

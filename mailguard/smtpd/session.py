@@ -34,7 +34,8 @@ from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, mail_
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
-from mailguard.smtpd.extensions import AUTH, CLOSED, COMMAND, DATA, Extensions
+from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
+from mailguard.smtpd.extensions import Extensions
 from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
 from mailguard.smtpd.transaction import Transaction, envelope_of, trace_headers
 
@@ -414,7 +415,7 @@ class ServerSession(Extensions):
         """The message fails: read on to the final dot, answer then."""
         if self._data_failed is None:
             self._data_failed = reply
-            self._data.failed = self._data.failed or reply
+            self._data.fail(reply)
             self._events.append(E.AbortMessage())
 
     def _data_end(self) -> None:
