@@ -4,8 +4,8 @@ Three kinds, in the manner of h11:
 
 - signals (L{NEED_DATA}, L{PAUSED}, L{CLOSED}): nothing to do until more
   bytes arrive, until the outstanding request is answered, or ever;
-- notices (L{Write}, L{WriteMessage}, L{StartTLS}, L{KickQueue},
-  L{AbortMessage}, L{Close}): do this, no answer expected;
+- notices (L{Write}, L{WriteMessage}, L{StartTLS}, L{AbortMessage},
+  L{Close}): do this, no answer expected;
 - requests (every L{Request}): do this and hand the result back with
   C{session.answer(value)} or C{session.failed()}; the session is
   L{PAUSED} meanwhile, so pipelined commands wait their turn.
@@ -54,14 +54,6 @@ class Write:
 @dataclass(frozen=True, slots=True)
 class StartTLS:
     """Start TLS now (the ``220`` went out just before)."""
-
-
-@dataclass(frozen=True, slots=True)
-class KickQueue:
-    """ETRN: start a queue run for C{domain} (``@domain``: with its
-    subdomains; None: the whole queue)."""
-
-    domain: str | None
 
 
 @dataclass(slots=True)
@@ -140,3 +132,11 @@ class CommitMessage(Request):
     """Store the message durably (fsynced) before answering None."""
 
     envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class KickQueue(Request):
+    """ETRN: start a queue run for C{domain} (``@domain``: with its
+    subdomains; None: the whole queue).  Answer: anything, once started."""
+
+    domain: str | None

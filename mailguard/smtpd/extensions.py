@@ -142,6 +142,5 @@ class Extensions:
             domain = parse_etrn_argument(arg)
         except ValueError:
             return self._error(R.SYNTAX_ERROR)
-        self._events.append(E.KickQueue(domain))
-        self._send(R.ETRN_STARTED)
+        self._request(E.KickQueue(domain))
 

@@ -219,7 +219,7 @@ class MailguardESMTP(Protocol):
         elif kind is E.StartTLS:
             self.transport.startTLS(ctx.tls)
         elif kind is E.KickQueue:
-            ctx.queue.kick(event.domain)
+            self._wait(defer.maybeDeferred(ctx.queue.kick, event.domain), "ETRN")
         elif kind is E.Close:
             self.closed = True
             self.transport.loseConnection()
@@ -237,8 +237,13 @@ class MailguardESMTP(Protocol):
 
     def _answered(self, result) -> None:
         """A request's result, to the session; then go on reading (a result
-        there at once is taken by the running loop, without recursing)."""
-        self.smtp.answer(result)
+        there at once is taken by the running loop, without recursing).
+        A result the session cannot take is answered 451 4.3.0."""
+        try:
+            self.smtp.answer(result)
+        except Exception:
+            log.failure("internal error taking a result")
+            self.smtp.failed()
         self._run()
 
     def _failed(self) -> None:

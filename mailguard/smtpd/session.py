@@ -144,6 +144,8 @@ class ServerSession(Extensions):
             self._auth_result(value)
         elif kind is E.AuthFailureDelay:
             self._send(R.AUTH_FAILED)
+        elif kind is E.KickQueue:
+            self._send(R.ETRN_STARTED)
 
     def failed(self) -> None:
         """The outstanding request failed (the adapter has logged why)."""

@@ -644,6 +644,21 @@ def test_pipelining_failed_check_is_451_in_order(tmp_path):
     assert s.codes(s.take()) == ["250 2.1.0", "451 4.3.0", "250 2.0.0"]
 
 
+def test_a_verdict_the_session_cannot_take_is_451_in_order(tmp_path):
+    """A policy answering nonsense is an internal error: logged, 451, and
+    the session goes on (no hang waiting for a reply that never comes)."""
+    @implementer(IRecipientPolicy)
+    class Nonsense:
+        def check_recipient(self, session, recipient):
+            return defer.succeed(object())
+
+    s = ehlo(make_context(tmp_path, recipients=Nonsense()))
+    with LogCapture() as logs:
+        out = s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<one@example.com>\r\nNOOP\r\n")
+    assert s.codes(out) == ["250 2.1.0", "451 4.3.0", "250 2.0.0"]
+    assert "internal error" in logs.text()
+
+
 def test_pipelining_with_real_policy_in_one_packet(ctx):
     s = ehlo(ctx)
     out = s.send(f"MAIL FROM:<a@b.test>\r\nRCPT TO:<nobody@example.com>\r\nRCPT TO:<{JOHN}>\r\n"

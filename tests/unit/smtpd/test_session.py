@@ -317,8 +317,14 @@ def test_etrn_kicks_the_queue_for_trusted_clients_only(tmp_path):
     ctx = make_context(tmp_path)
     ctx.queue = object()  # a queue is configured; the adapter, not the session, kicks it
     trusted = machine(ctx, ip="127.0.0.2")
-    evs = events(trusted, b"EHLO gw\r\nETRN @example.com\r\nETRN #q\r\n")
-    assert [e for e in evs if isinstance(e, E.KickQueue)] == [E.KickQueue("@example.com"), E.KickQueue(None)]
+    evs = events(trusted, b"EHLO gw\r\nETRN @example.com\r\nETRN #q\r\nETRN x\r\n")
+    assert evs[-2:] == [E.KickQueue("@example.com"), E.PAUSED]
+    trusted.answer(None)
+    assert events(trusted)[-2:] == [E.KickQueue(None), E.PAUSED]
+    trusted.failed()  # the queue could not start a run
+    assert events(trusted)[-2:] == [E.KickQueue("x"), E.PAUSED]
+    trusted.answer(None)
+    assert codes(written(events(trusted))) == ["250 HELP", "250 2.0.0", "451 4.3.0", "250 2.0.0"]
     outsider = machine(ctx)
     evs = events(outsider, b"EHLO c\r\nETRN example.com\r\n")
     assert codes(written(evs))[-1] == "458 4.5.0" and outsider.errors == 0
