@@ -13,7 +13,6 @@ import base64
 from collections.abc import Iterable, Iterator, Mapping
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
@@ -149,10 +148,10 @@ def make_context(config=None, *, clock=None, spool=None, tables=None, gateway=No
 # --- one client session, driven over a StringTransport ---------------------------
 
 
-@implementer(ITLSTransport)
 class TLSStringTransport(StringTransport):
     """A StringTransport that can "start TLS": it records the call and the
-    bytes written before it, so a test can tell plaintext from TLS."""
+    bytes written before it, so a test can tell plaintext from TLS.  (It
+    does not claim C{ITLSTransport}: it has none of ITCPTransport's knobs.)"""
 
     tls_context = None
     before_tls = b""
