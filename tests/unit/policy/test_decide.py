@@ -25,15 +25,7 @@ from mailguard.policy.decide import RecipientPolicy, RecipientVerdict, TrustPoli
 from mailguard.policy.session import Session
 from mailguard.testing import result_of
 
-try:
-    from mailguard.policy.directory import LookupStatus
-except ImportError:  # pragma: no cover - before mailguard.policy.directory existed
-
-    class LookupStatus(enum.Enum):  # type: ignore[no-redef]
-        KNOWN = "known"
-        UNKNOWN = "unknown"
-        DISABLED = "disabled"
-        NOT_LOCAL = "not-local"
+from mailguard.policy.directory import LookupStatus
 
 
 LOCAL = "example.com"
@@ -378,55 +370,77 @@ def test_sender_never_makes_a_client_trusted():
 #
 # The classic relay tests (the abuse.net / ORDB / rlytest lists and their
 # kin), with the local domain example.com, the victim "evil.test" and the
-# server's own address 192.0.2.1.  Each is a RCPT TO argument.
+# server's own address 192.0.2.1.  Each is a RCPT TO argument and what it
+# must get, written out by hand (not computed from the policy):
+#
+# - SYNTAX / PARAMS: the argument does not parse: 501 5.1.3 (the path) or
+#   501 5.5.4 (what follows it), for everyone;
+# - HIDDEN: a hidden destination in a local domain: 550 5.1.1 for everyone
+#   (no directory here knows the exact address as an account);
+# - REFUSED: 554 5.7.1 for everyone (a hidden destination at an address
+#   literal, a loopback literal);
+# - an address: 554 5.7.1 for an untrusted client; a trusted one relays to
+#   exactly that address (the domain lower-cased, without its final dot).
 
-RELAY_TESTS = [
-    f"TO:<user@{OTHER}>",
-    f"TO:user@{OTHER}",
-    f"TO:<user@{OTHER}.>",
-    f"TO:<USER@{OTHER.upper()}>",
-    "TO:<user@EvIl.TeSt>",
-    f'TO:<"user"@{OTHER}>',
-    f"TO:<user%{OTHER}@{LOCAL}>",
-    f"TO:<USER%{OTHER.upper()}@{LOCAL.upper()}>",
-    f"TO:<user%{OTHER}@{LOCAL}.>",
-    f"TO:<user%{OTHER}%{LOCAL}@{LOCAL}>",
-    f"TO:<user%{OTHER}@[{OUR_IP}]>",
-    f"TO:<user%{OTHER}>",
-    f'TO:<"user@{OTHER}">',
-    f'TO:<"user@{OTHER}"@{LOCAL}>',
-    f'TO:<"USER@{OTHER.upper()}"@{LOCAL}>',
-    f'TO:<"user@{OTHER}"@[{OUR_IP}]>',
-    f'TO:<"user%{OTHER}"@{LOCAL}>',
-    f'TO:<"user%{OTHER}@{LOCAL}">',
-    f"TO:<user@{OTHER}@{LOCAL}>",
-    f"TO:<user@{OTHER}@[{OUR_IP}]>",
-    f"TO:<@{LOCAL}:user@{OTHER}>",
-    f"TO:<@{LOCAL},@{LOCAL}:user@{OTHER}>",
-    f"TO:<@[{OUR_IP}]:user@{OTHER}>",
-    f"TO:<{OTHER}!user>",
-    f"TO:<{OTHER}!user@{LOCAL}>",
-    f"TO:<{OTHER.upper()}!USER@{LOCAL}>",
-    f"TO:<{OTHER}!user@[{OUR_IP}]>",
-    f'TO:<"{OTHER}!user"@{LOCAL}>',
-    f"TO:<{OTHER}!user%{LOCAL}@{LOCAL}>",
-    f"TO:<{OTHER}:user@{LOCAL}>",
-    f'TO:<"{OTHER}:user"@{LOCAL}>',
-    f'TO:<"@{OTHER}:user"@{LOCAL}>',
-    "TO:<user@[127.0.0.1]>",
-    f"TO:<user@[{OUR_IP}]>",
-    "TO:<user@[IPv6:::1]>",
-    "TO:<user@[IPv6:::ffff:127.0.0.1]>",
-    "TO:<user@127.0.0.1>",
-    "TO:<user@localhost>",
-    f"TO:<user@{LOCAL}.{OTHER}>",
-    f"TO:<user@{OTHER}%{LOCAL}>",
-    f"TO:<user@{OTHER},user@{LOCAL}>",
-    f"TO:<user@{OTHER}> <user@{LOCAL}>",
-    f'TO:<"<user@{OTHER}>"@{LOCAL}>',
-    f'TO:<"user\\@{OTHER}"@{LOCAL}>',
-    f"TO:<user@{OTHER}\\@{LOCAL}>",
+SYNTAX, PARAMS, HIDDEN, REFUSED = "501 5.1.3", "501 5.5.4", "hidden", "refused"
+
+RELAY_TABLE = [
+    (f"TO:<user@{OTHER}>", f"user@{OTHER}"),
+    (f"TO:user@{OTHER}", f"user@{OTHER}"),
+    (f"TO:<user@{OTHER}.>", f"user@{OTHER}"),
+    (f"TO:<USER@{OTHER.upper()}>", f"USER@{OTHER}"),
+    ("TO:<user@EvIl.TeSt>", f"user@{OTHER}"),
+    (f'TO:<"user"@{OTHER}>', f"user@{OTHER}"),
+    (f"TO:<user%{OTHER}@{LOCAL}>", HIDDEN),
+    (f"TO:<USER%{OTHER.upper()}@{LOCAL.upper()}>", HIDDEN),
+    (f"TO:<user%{OTHER}@{LOCAL}.>", HIDDEN),
+    (f"TO:<user%{OTHER}%{LOCAL}@{LOCAL}>", HIDDEN),
+    (f"TO:<user%{OTHER}@[{OUR_IP}]>", REFUSED),
+    (f"TO:<user%{OTHER}>", SYNTAX),
+    (f'TO:<"user@{OTHER}">', SYNTAX),
+    (f'TO:<"user@{OTHER}"@{LOCAL}>', HIDDEN),
+    (f'TO:<"USER@{OTHER.upper()}"@{LOCAL}>', HIDDEN),
+    (f'TO:<"user@{OTHER}"@[{OUR_IP}]>', REFUSED),
+    (f'TO:<"user%{OTHER}"@{LOCAL}>', HIDDEN),
+    (f'TO:<"user%{OTHER}@{LOCAL}">', SYNTAX),
+    (f"TO:<user@{OTHER}@{LOCAL}>", SYNTAX),
+    (f"TO:<user@{OTHER}@[{OUR_IP}]>", SYNTAX),
+    (f"TO:<@{LOCAL}:user@{OTHER}>", f"user@{OTHER}"),  # the source route is ignored
+    (f"TO:<@{LOCAL},@{LOCAL}:user@{OTHER}>", f"user@{OTHER}"),
+    (f"TO:<@[{OUR_IP}]:user@{OTHER}>", SYNTAX),  # a route names domains, not literals
+    (f"TO:<{OTHER}!user>", SYNTAX),
+    (f"TO:<{OTHER}!user@{LOCAL}>", HIDDEN),
+    (f"TO:<{OTHER.upper()}!USER@{LOCAL}>", HIDDEN),
+    (f"TO:<{OTHER}!user@[{OUR_IP}]>", REFUSED),
+    (f'TO:<"{OTHER}!user"@{LOCAL}>', HIDDEN),
+    (f"TO:<{OTHER}!user%{LOCAL}@{LOCAL}>", HIDDEN),
+    (f"TO:<{OTHER}:user@{LOCAL}>", SYNTAX),
+    (f'TO:<"{OTHER}:user"@{LOCAL}>', HIDDEN),
+    (f'TO:<"@{OTHER}:user"@{LOCAL}>', HIDDEN),
+    ("TO:<user@[127.0.0.1]>", REFUSED),
+    (f"TO:<user@[{OUR_IP}]>", f"user@[{OUR_IP}]"),  # a literal is never local
+    ("TO:<user@[IPv6:::1]>", REFUSED),
+    ("TO:<user@[IPv6:::ffff:127.0.0.1]>", REFUSED),
+    ("TO:<user@127.0.0.1>", SYNTAX),
+    ("TO:<user@localhost>", "user@localhost"),  # not one of our domains
+    (f"TO:<user@{LOCAL}.{OTHER}>", f"user@{LOCAL}.{OTHER}"),
+    (f"TO:<user@{OTHER}%{LOCAL}>", SYNTAX),
+    (f"TO:<user@{OTHER},user@{LOCAL}>", SYNTAX),
+    (f"TO:<user@{OTHER}> <user@{LOCAL}>", PARAMS),
+    (f'TO:<"<user@{OTHER}>"@{LOCAL}>', HIDDEN),
+    (f'TO:<"user\\@{OTHER}"@{LOCAL}>', HIDDEN),
+    (f"TO:<user@{OTHER}\\@{LOCAL}>", SYNTAX),
 ]
+RELAY_TESTS = [arg for arg, _ in RELAY_TABLE]
+
+
+def relay_expected(outcome: str, trusted: bool) -> tuple[replies.Reply, tuple[str, ...]]:
+    """The reply and the relay destinations a table row stands for."""
+    if outcome == HIDDEN:
+        return UNKNOWN, ()
+    if outcome == REFUSED or not trusted:
+        return DENIED, ()
+    return OK, (outcome,)
 
 
 def relay_directories():
@@ -458,36 +472,41 @@ def test_relay_test_list_is_long_enough():
     assert len(RELAY_TESTS) >= 25
 
 
-@pytest.mark.parametrize("name, dir_", relay_directories(), ids=lambda x: x if isinstance(x, str) else "")
-@pytest.mark.parametrize("arg", RELAY_TESTS)
-def test_open_relay_tests_untrusted(arg, name, dir_):
-    """None of the relay tests is accepted from an untrusted client."""
+def open_relay_case(arg: str, outcome: str, dir_, session):
+    """The verdict for one row, or None after checking a parse error is
+    the row's 501."""
     try:
         mailbox, _ = parse_rcpt_to(arg)
     except AddressError as e:
-        assert e.reply.code == 501
+        assert f"{e.reply.code} {e.reply.status}" == outcome, arg
+        return None
+    assert outcome not in (SYNTAX, PARAMS), f"{arg} parsed as {mailbox}"
+    return result_of(RecipientPolicy(dir_, trust()).check_recipient(session, mailbox))
+
+
+@pytest.mark.parametrize("name, dir_", relay_directories(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("arg, outcome", RELAY_TABLE)
+def test_open_relay_tests_untrusted(arg, outcome, name, dir_):
+    """None of the relay tests is accepted from an untrusted client."""
+    verdict = open_relay_case(arg, outcome, dir_, UNTRUSTED)
+    if verdict is None:
         return
-    verdict = result_of(RecipientPolicy(dir_, trust()).check_recipient(UNTRUSTED, mailbox))
     assert not verdict.accepted, (arg, verdict)
-    assert verdict.reply in (replies.RELAY_DENIED, replies.UNKNOWN_USER)
+    assert verdict.reply == relay_expected(outcome, trusted=False)[0], (arg, verdict)
     assert (verdict.mailboxes, verdict.relay, verdict.relay_to) == ((), False, ())
 
 
 @pytest.mark.parametrize("name, dir_", relay_directories(), ids=lambda x: x if isinstance(x, str) else "")
-@pytest.mark.parametrize("arg", RELAY_TESTS)
-def test_open_relay_tests_trusted(arg, name, dir_):
+@pytest.mark.parametrize("arg, outcome", RELAY_TABLE)
+def test_open_relay_tests_trusted(arg, outcome, name, dir_):
     """A trusted client may relay, but a hidden destination is never
     relayed, and a relay goes exactly to the address given."""
-    try:
-        mailbox, _ = parse_rcpt_to(arg)
-    except AddressError:
+    verdict = open_relay_case(arg, outcome, dir_, RELAY_IP)
+    if verdict is None:
         return
-    verdict = result_of(RecipientPolicy(dir_, trust()).check_recipient(RELAY_IP, mailbox))
-    if hidden_destination(mailbox):
-        assert not verdict.accepted, (arg, verdict)
-    if verdict.relay:
-        assert verdict.relay_to == (mailbox.address,)
-        assert mailbox.is_ip_literal or not dir_.is_local_domain(mailbox.domain)
+    reply, relay_to = relay_expected(outcome, trusted=True)
+    assert (verdict.reply, verdict.relay_to, verdict.mailboxes) == (reply, relay_to, ()), (arg, verdict)
+    assert verdict.relay is bool(relay_to)
 
 
 def test_trusted_relays_plain_non_local():
@@ -598,51 +617,51 @@ VRFY_ARGS = {
 }
 WELL_FORMED = [k for k in VRFY_ARGS if not k.startswith(("empty", "blank", "malformed"))]
 
-TRUSTED_ANSWERS = {
-    "known": KNOWN_250,
-    "known-bracketed": KNOWN_250,
-    "known-display-name": KNOWN_250,
-    "known-bare": KNOWN_250,
-    "unknown": replies.VRFY_UNKNOWN,
-    "unknown-bare": replies.VRFY_UNKNOWN,
-    "disabled": replies.VRFY_UNKNOWN,
-    "not-local": replies.VRFY_UNKNOWN,
-    "literal": replies.VRFY_UNKNOWN,
-    "hidden": replies.VRFY_UNKNOWN,
-    "hidden-exact": replies.VRFY_KNOWN.with_text(f"<odd%name@{LOCAL}>"),
-    "empty": replies.SYNTAX_ERROR,
-    "blank": replies.SYNTAX_ERROR,
-    "malformed": replies.SYNTAX_ERROR,
-    "malformed-spaces": replies.SYNTAX_ERROR,
-    "malformed-utf8": replies.SYNTAX_ERROR,
+OFF, WITHHELD, SYNTAX_501 = replies.VRFY_DISABLED, replies.VRFY_WITHHELD, replies.SYNTAX_ERROR
+V_UNKNOWN = replies.VRFY_UNKNOWN
+
+# Every answer, written out by hand: kind -> (VRFYEnabled=0, untrusted, trusted).
+VRFY_TABLE = {
+    "known": (OFF, WITHHELD, KNOWN_250),
+    "known-bracketed": (OFF, WITHHELD, KNOWN_250),
+    "known-display-name": (OFF, WITHHELD, KNOWN_250),
+    "known-bare": (OFF, WITHHELD, KNOWN_250),
+    "unknown": (OFF, WITHHELD, V_UNKNOWN),
+    "unknown-bare": (OFF, WITHHELD, V_UNKNOWN),
+    "disabled": (OFF, WITHHELD, V_UNKNOWN),
+    "not-local": (OFF, WITHHELD, V_UNKNOWN),
+    "literal": (OFF, WITHHELD, V_UNKNOWN),
+    "hidden": (OFF, WITHHELD, V_UNKNOWN),
+    "hidden-exact": (OFF, WITHHELD, replies.VRFY_KNOWN.with_text(f"<odd%name@{LOCAL}>")),
+    "empty": (OFF, SYNTAX_501, SYNTAX_501),
+    "blank": (OFF, SYNTAX_501, SYNTAX_501),
+    "malformed": (OFF, SYNTAX_501, SYNTAX_501),
+    "malformed-spaces": (OFF, SYNTAX_501, SYNTAX_501),
+    "malformed-utf8": (OFF, SYNTAX_501, SYNTAX_501),
 }
-
-
-def vrfy_expected(enabled: bool, trusted: bool, kind: str):
-    if not enabled:
-        return replies.VRFY_DISABLED
-    if kind not in WELL_FORMED:
-        return replies.SYNTAX_ERROR
-    if not trusted:
-        return replies.VRFY_WITHHELD
-    return TRUSTED_ANSWERS[kind]
-
+# Which column each session reads: by hand, not from the trust policy.
+VRFY_SESSIONS = [(UNTRUSTED, 1), (RELAY_IP, 2), (AUTHED, 2)]
 
 VRFY_MATRIX = [
-    (enabled, session, kind)
+    (enabled, session, column, kind)
     for enabled in (True, False)
-    for session in (UNTRUSTED, RELAY_IP, AUTHED)
+    for session, column in VRFY_SESSIONS
     for kind in VRFY_ARGS
 ]
 
 
-@pytest.mark.parametrize("enabled, session, kind", VRFY_MATRIX,
-                         ids=[f"{'on' if e else 'off'}-{s.client_port}-{k}" for e, s, k in VRFY_MATRIX])
-def test_vrfy_matrix(enabled, session, kind):
+def test_vrfy_table_covers_every_argument():
+    assert set(VRFY_TABLE) == set(VRFY_ARGS)
+
+
+@pytest.mark.parametrize("enabled, session, column, kind", VRFY_MATRIX,
+                         ids=[f"{'on' if e else 'off'}-{s.client_port}-{k}" for e, s, _, k in VRFY_MATRIX])
+def test_vrfy_matrix(enabled, session, column, kind):
     t = trust()
-    d = directory() if t.is_trusted(session) else ExplodingDirectory()
+    # Only a trusted client's VRFY may consult the directory.
+    d = directory() if column == 2 and enabled else ExplodingDirectory()
     reply = result_of(VrfyPolicy(enabled, d, t).answer(session, VRFY_ARGS[kind]))
-    assert reply == vrfy_expected(enabled, t.is_trusted(session), kind)
+    assert reply == VRFY_TABLE[kind][column if enabled else 0]
 
 
 def test_vrfy_known_wire_form():

@@ -185,7 +185,31 @@ def _wait(predicate):
         time.sleep(0.001)
 
 
-def test_group_commit_shares_directory_fsyncs():
+def watch_waits(monkeypatch) -> list[str]:
+    """The names of the threads that wait on a L{DirSyncer}'s condition, in
+    order.  A thread in that list is blocked until an fsync ends (Python's
+    Condition has no spurious wake-ups), so a test can tell "waiting" from
+    "not yet there" without sleeping."""
+    waits: list[str] = []
+
+    class Watched(threading.Condition):
+        def wait(self, timeout=None):
+            waits.append(threading.current_thread().name)
+            return super().wait(timeout)
+
+    class WatchedState(durable._DirState):
+        __slots__ = ()
+
+        def __init__(self, lock):
+            super().__init__(lock)
+            self.cond = Watched(lock)
+
+    monkeypatch.setattr(durable, "_DirState", WatchedState)
+    return waits
+
+
+def test_group_commit_shares_directory_fsyncs(monkeypatch):
+    waits = watch_waits(monkeypatch)
     fsync = GatedFsync()
     syncer = DirSyncer(fsync)
     done = []
@@ -194,21 +218,20 @@ def test_group_commit_shares_directory_fsyncs():
         syncer.sync("/d")
         done.append(n)
 
-    a = threading.Thread(target=client, args=("a",))
+    a = threading.Thread(target=client, args=("a",), name="a")
     a.start()
     _wait(lambda: len(fsync.calls) == 1)  # a runs the first fsync
     # b and c link while it runs: they must not ride on it (it may have
     # missed their links) but share the next one.
-    b = threading.Thread(target=client, args=("b",))
-    c = threading.Thread(target=client, args=("c",))
+    b = threading.Thread(target=client, args=("b",), name="b")
+    c = threading.Thread(target=client, args=("c",), name="c")
     b.start()
     c.start()
-    _wait(lambda: syncer.requests == 3)
-    time.sleep(0.05)
-    assert done == [] and len(fsync.calls) == 1
+    _wait(lambda: sorted(waits) == ["b", "c"])  # both blocked on the condition
+    assert done == [] and len(fsync.calls) == 1 and syncer.requests == 3
     fsync.open(0)
-    _wait(lambda: done == ["a"] and len(fsync.calls) == 2)
-    time.sleep(0.05)
+    # a returns; one of b and c runs the second fsync, the other waits again
+    _wait(lambda: done == ["a"] and len(fsync.calls) == 2 and len(waits) == 3)
     assert done == ["a"]
     fsync.open(1)
     for t in (a, b, c):
@@ -222,7 +245,7 @@ def test_group_commit_errors_reach_every_waiter_of_that_fsync():
 
     def failing(path):
         calls.append(path)
-        time.sleep(0.05)
+        _wait(lambda: syncer.requests == 5)  # everyone asked while the first one ran
         raise OSError(5, "EIO")
 
     syncer = DirSyncer(failing)
@@ -240,7 +263,9 @@ def test_group_commit_errors_reach_every_waiter_of_that_fsync():
     for t in threads:
         t.join(10)
     assert len(errors) == 5
-    assert 1 <= len(calls) <= 5
+    # the first fsync's error is its caller's; the four that asked while
+    # it ran share the second one, and its error
+    assert len(calls) == 2
 
 
 def test_group_commit_keeps_directories_apart():
@@ -251,17 +276,34 @@ def test_group_commit_keeps_directories_apart():
 
 
 def test_group_commit_under_real_threads(tmp_path):
-    """Many threads, a real directory: every sync returns, far fewer fsyncs
-    than requests when they overlap."""
-    syncer = DirSyncer()
-    (tmp_path / "d").mkdir()
-    threads = [threading.Thread(target=lambda: [syncer.sync(str(tmp_path / "d")) for _ in range(20)])
-               for _ in range(10)]
+    """Real threads, a real directory: in each round ten threads ask at
+    once; the first fsync is held until all have asked, so the other nine
+    share the second.  Two fsyncs per round, where one per request would
+    be ten."""
+    threads_n, rounds = 10, 20
+    path = str(tmp_path / "d")
+    os.mkdir(path)
+
+    def held_fsync(p):
+        asked = syncer.requests
+        round_end = -(-asked // threads_n) * threads_n  # the round this call belongs to
+        _wait(lambda: syncer.requests >= round_end)
+        durable.fsync_dir(p)
+
+    syncer = DirSyncer(held_fsync)
+    barrier = threading.Barrier(threads_n, timeout=30)
+
+    def client():
+        for _ in range(rounds):
+            syncer.sync(path)
+            barrier.wait()
+
+    threads = [threading.Thread(target=client) for _ in range(threads_n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert syncer.requests == 200 and syncer.fsyncs <= 200
+    assert (syncer.requests, syncer.fsyncs) == (threads_n * rounds, 2 * rounds)
 
 
 # --- the promise on the wire ------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.unit.store.world import parse_report
+from tests.unit.store.world import World, parse_report
 
 
 def test_dot_stuffing_across_chunk_boundaries(world):
@@ -43,13 +43,29 @@ def test_transform_chunk_stuffs_like_rfc5321(lines, cuts):
     assert b"".join(out) == expected
 
 
-def test_several_entries_share_a_connection(world):
+def test_several_entries_share_a_connection(tmp_path):
+    """With one connection allowed, three entries go over it, one
+    transaction after another, and one QUIT ends it."""
+    world = World(tmp_path, concurrency=1)
+    world.queue.startService()
     for _ in range(3):
         world.accept()
     world.run()
     assert len(world.net.messages) == 3
-    assert world.net.attempts <= 3
-    assert world.net.commands.count("QUIT") == world.net.attempts
+    assert world.net.attempts == 1
+    assert world.net.commands.count("QUIT") == 1
+    world.queue.stopService()
+
+
+def test_entries_ready_at_once_get_a_connection_each_up_to_the_limit(world):
+    """Entries that are due together are spread over up to
+    C{concurrency} connections (10 by default): three entries, three."""
+    for _ in range(3):
+        world.accept()
+    world.run()
+    assert len(world.net.messages) == 3
+    assert world.net.attempts == 3
+    assert world.net.commands.count("QUIT") == 3
 
 
 def test_8bit_message_is_sent_with_body_8bitmime(world):
