@@ -61,7 +61,7 @@ def build_gateway(config, options, reactor) -> Gateway | None:
                                 bind_address=config.gateway_bind_address)
     pool = BackendPool(endpoint, reactor, size=config.gateway_connections,
                        timeout=config.gateway_timeout, idle_timeout=config.gateway_idle_timeout,
-                       helo=config.hostname)
+                       helo=config.hostname, name=f"{host}:{port}")
     log.info("gateway mode: recipients of {domains} verified with {host}:{port}",
              domains=",".join(domains), host=host, port=port)
     return Gateway(domains, pool, reactor, positive_ttl=config.gateway_positive_ttl,

@@ -59,11 +59,12 @@ class BackendPool:
     @param retry_interval: after a failed connect, seconds during which
         lookups fail at once (when no connection is left) instead of each
         trying to connect again.
+    @param name: the back-end as the log names it (C{host:port}).
     """
 
     def __init__(self, endpoint, clock, *, size: int = 4, timeout: float = 10.0,
                  idle_timeout: float = 60.0, helo: str = "localhost",
-                 retry_interval: float = 1.0) -> None:
+                 retry_interval: float = 1.0, name: str = "") -> None:
         if size < 1:
             raise ValueError("a pool needs at least one connection")
         self.endpoint = endpoint
@@ -73,6 +74,7 @@ class BackendPool:
         self.idle_timeout = idle_timeout
         self.helo = helo
         self.retry_interval = retry_interval
+        self.name = name or "(back-end)"
         self._clients: list[VrfyClient] = []
         self._free: list[VrfyClient] = []  # a stack: the warmest first
         self._connecting: set[defer.Deferred] = set()
@@ -197,7 +199,9 @@ class BackendPool:
             self._down_reason = reason
             if not self._down:
                 self._down = True
-                log.warn("gateway back-end unreachable: {reason}", reason=reason)
+                log.warn("gateway back-end {name} unreachable ({reason}): its recipients get 450 4.4.1 "
+                         "until it answers; a new connection is tried after {s:g} s",
+                         name=self.name, reason=reason, s=self.retry_interval)
             if not self._clients and not self._connecting:
                 self._fail_waiting(reason)
             return
@@ -206,7 +210,7 @@ class BackendPool:
         self._down_until = 0.0
         if self._down:
             self._down = False
-            log.info("gateway back-end reachable again")
+            log.info("gateway back-end {name} reachable again", name=self.name)
         if client.lost:
             return
         client.on_lost = self._lost

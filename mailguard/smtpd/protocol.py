@@ -20,6 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from mailguard import replies as R
+from mailguard.operational import report
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd.events import DATA
@@ -32,6 +33,9 @@ log = Logger()
 INPUT_HOLD_MAX = 64 * 1024
 BIG_READ_SIZE = 1 << 18  # bytes per recv while a large DATA arrives
 BIG_READ_AFTER = 1 << 18  # DATA bytes after which reads get that large
+# What follows a store failure, for its log line.
+_RETRY_NOW = f"{R.STORAGE_ERROR.code} {R.STORAGE_ERROR.status} sent; the client will retry"
+_RETRY_AT_DOT = f"{R.STORAGE_ERROR.code} {R.STORAGE_ERROR.status} at the final dot; the client will retry"
 
 
 class MailguardESMTP(Protocol):
@@ -256,7 +260,7 @@ class MailguardESMTP(Protocol):
             self._message = self.smtp.context.store.begin(event.envelope)
             self._message.write(event.header)
         except OSError:
-            log.failure("cannot open message file")
+            report(log, None, "cannot store a message from {ip}", _RETRY_NOW, ip=self.smtp.facts.client_ip)
             self._abort_message()
             self.smtp.failed()
         else:
@@ -266,7 +270,7 @@ class MailguardESMTP(Protocol):
         try:
             self._message.write(data)
         except OSError:
-            log.failure("cannot write message")
+            report(log, None, "cannot store a message from {ip}", _RETRY_AT_DOT, ip=self.smtp.facts.client_ip)
             self.smtp.message_failed()
             return
         if self._normal_read_size is None and self.smtp.message_size > BIG_READ_AFTER:
@@ -293,7 +297,8 @@ class MailguardESMTP(Protocol):
             self._answered(result)
 
         def failed(failure):
-            log.failure("cannot store message {id}", failure, id=event.envelope.message_id)
+            report(log, failure, "cannot store message {id} from {ip}", _RETRY_NOW,
+                   id=event.envelope.message_id, ip=facts.client_ip)
             message.abort()
             self._failed()
 

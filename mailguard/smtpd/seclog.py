@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.interfaces import ISecurityLog
+from mailguard.operational import named, report
 
 log = Logger()
 
@@ -114,7 +115,8 @@ class SecurityLog:
             from twisted.internet.defer import maybeDeferred
 
             d = maybeDeferred(self._write, lines)
-        d.addErrback(lambda f: log.failure("security log write failed", f))
+        d.addErrback(lambda f, n=len(lines): report(log, f, "security log write failed",
+                                                    "{n} line(s) lost; later lines are tried again", n=n))
         d.addBoth(lambda _: self._after_flush())
         return d
 
@@ -141,6 +143,8 @@ class SecurityLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             os.write(fd, data)
+        except OSError as e:
+            raise named(e, self.path)
         finally:
             os.close(fd)
         self.written += len(lines)

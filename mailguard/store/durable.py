@@ -19,6 +19,8 @@ from typing import Callable
 
 from twisted.internet import defer
 
+from mailguard.operational import named
+
 __all__ = [
     "DirSyncer",
     "disk_runner",
@@ -35,6 +37,8 @@ def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        raise named(e, path)
     finally:
         os.close(fd)
 
@@ -76,11 +80,15 @@ def empty_dir(path: str) -> int:
     return n
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """C{os.write} until every byte is written (it may write fewer)."""
+def write_all(fd: int, data: bytes, path: str | None = None) -> None:
+    """C{os.write} until every byte is written (it may write fewer); an
+    error names C{path}, the file C{fd} is open on."""
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        raise named(e, path) if path else e
 
 
 # --- runners: where blocking disk work runs -----------------------------------------

@@ -61,6 +61,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.interfaces import IIncomingMessage, IMessageStore
+from mailguard.operational import named, report
 from mailguard.store.durable import DirSyncer, empty_dir, makedirs_durable, run_inline, write_all
 from mailguard.store.envelope import Envelope
 
@@ -133,7 +134,7 @@ class IncomingMessage:
             data = b"".join(self._chunks)
             self._chunks = None
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        write_all(self.fd, data)
+        write_all(self.fd, data, self.path)
         self._unsynced += len(data)
         if self._unsynced >= self.SYNC_EVERY and self._syncing is None:
             self._unsynced = 0
@@ -147,6 +148,8 @@ class IncomingMessage:
         # fsync could succeed over lost data.
         self._syncing = None
         if isinstance(result, Failure) and self._sync_error is None:
+            if isinstance(result.value, OSError):
+                named(result.value, self.path)
             self._sync_error = result
 
     def _after_sync(self, f, *args) -> defer.Deferred:
@@ -249,7 +252,7 @@ class MaildirStore:
         path = os.path.join(self.incoming, envelope.message_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            write_all(fd, data)
+            write_all(fd, data, path)
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -262,7 +265,9 @@ class MaildirStore:
                 self.relay.enqueued(committed.entry)
             for env, data in committed.notices:
                 self.inject(env, lambda data=data: data).addErrback(
-                    lambda f: log.failure("cannot store a delivery notification", f))
+                    lambda f, env=env: report(log, f, "cannot store a delivery notification to <{to}>",
+                                              "it is lost (the message itself was delivered)",
+                                              to=",".join(env.mailboxes + env.relay_recipients)))
             return committed.message_id
 
         d.addCallback(durable)
@@ -289,7 +294,10 @@ class MaildirStore:
         name = envelope.message_id
         done = Committed(name)
         try:
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise named(e, path)
             fd, closing = None, fd
             os.close(closing)
             for md in dict.fromkeys(self._maildir(m) for m in envelope.mailboxes):

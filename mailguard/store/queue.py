@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.interfaces import IRelayIntake, IRelayQueue
+from mailguard.operational import report
 from mailguard.store import dsn
 from mailguard.store.durable import DirSyncer, run_inline
 from mailguard.store.entries import FAILED, PENDING, SENT, Outcome, QueueEntry, backoff, classify
@@ -257,8 +258,8 @@ class RelayQueue(service.Service):
         """The relay host cannot be reached: defer what is ready."""
         self._down_until = self.clock.seconds() + self.retry_min
         self._down_reason = reason
-        log.warn("relay host {host} unreachable ({reason}): deliveries suspended for {s:.0f} s",
-                 host=self.relay_name, reason=reason, s=self.retry_min)
+        log.warn("relay host {host}:{port} unreachable ({reason}): deliveries suspended for {s:.0f} s",
+                 host=self.relay_host[0], port=self.relay_host[1], reason=reason, s=self.retry_min)
         while (e := self.take_ready()) is not None:
             self.attempted(e, Outcome(error=reason))
 
@@ -301,6 +302,7 @@ class RelayQueue(service.Service):
         entry.attempts += 1
         entry.last_attempt = now
         expired = now >= entry.arrival + self.lifetime
+        retry_at = min(now + backoff(entry.attempts, self.retry_min, self.retry_max), entry.arrival + self.lifetime)
         failed: list[dsn.RecipientReport] = []
         relayed: list[dsn.RecipientReport] = []
         for r in entry.pending():
@@ -316,8 +318,8 @@ class RelayQueue(service.Service):
                                                        diag, remote, now))
                 continue
             if state == PENDING and not expired:
-                log.info("relay {id} to <{rcpt}>: deferred ({diag})", id=entry.id,
-                         rcpt=r.address, diag=diag)
+                log.info("relay {id} to <{rcpt}>: deferred ({diag}); next attempt in {s:.0f} s", id=entry.id,
+                         rcpt=r.address, diag=diag, s=retry_at - now)
                 continue
             if state == PENDING:
                 r.status = "4.4.7"
@@ -328,8 +330,7 @@ class RelayQueue(service.Service):
                 failed.append(dsn.RecipientReport(r.address, "failed", r.status, r.orcpt,
                                                   diag, remote, now))
         if entry.pending():
-            delay = backoff(entry.attempts, self.retry_min, self.retry_max)
-            entry.next_attempt = min(now + delay, entry.arrival + self.lifetime)
+            entry.next_attempt = retry_at
         notices = []
         if entry.sender:  # never a DSN for the null sender
             if failed:
@@ -342,7 +343,8 @@ class RelayQueue(service.Service):
         d.addCallback(lambda _: self._persist(entry))
 
         def failed_to_store(f):
-            log.failure("relay {id}: cannot record the attempt; will retry", f, id=entry.id)
+            report(log, f, "relay {id}: cannot record the attempt",
+                   "the attempt counts as not made; next attempt in {s:.0f} s", id=entry.id, s=self.retry_min)
             entry.recipients = before
             entry.attempts, entry.next_attempt, entry.last_attempt = before_times
             entry.next_attempt = self.clock.seconds() + self.retry_min

@@ -32,6 +32,7 @@ from itertools import count
 
 from twisted.logger import Logger
 
+from mailguard.operational import named
 from mailguard.store.durable import DirSyncer, empty_dir, fsync_dir, makedirs_durable, write_all
 from mailguard.store.entries import QueueEntry
 from mailguard.store.envelope import Envelope
@@ -125,8 +126,11 @@ class QueueDir:
         tmp = os.path.join(self.tmp, f"{id}.{next(_tmp_counter)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            write_all(fd, data)
-            os.fsync(fd)
+            write_all(fd, data, tmp)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise named(e, tmp)
         finally:
             os.close(fd)
         return tmp

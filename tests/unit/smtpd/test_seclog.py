@@ -4,11 +4,14 @@ rotation, the bounded queue, and the flush at shutdown."""
 from __future__ import annotations
 
 import calendar
+import errno
 import os
 
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 
 from mailguard.smtpd.seclog import SecurityLog, format_line
+from mailguard.testing import LogCapture
 
 
 def read(path) -> list[str]:
@@ -151,12 +154,47 @@ def test_a_write_error_is_logged_and_later_lines_still_written(tmp_path):
     path.mkdir()  # cannot open a directory for writing
     slog = SecurityLog(str(path), clock, threaded=False)
     slog.record("gave-up", "192.0.2.1", 1, 1.0)
-    clock.advance(0)
+    with LogCapture() as logs:
+        clock.advance(0)
     assert slog.written == 0
+    [event] = logs.events
+    assert formatEvent(event) == (f"security log write failed: Is a directory (EISDIR): {path}; "
+                                  "1 line(s) lost; later lines are tried again")
+    assert event["log_level"] == LogLevel.error and "log_failure" not in event  # one line, no traceback
     path.rmdir()
     slog.record("gave-up", "192.0.2.1", 2, 1.0)
     clock.advance(0)
     assert len(read(path)) == 1
+
+
+def test_a_full_disk_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    clock = Clock()
+    path = tmp_path / "security.log"
+    slog = SecurityLog(str(path), clock, threaded=False)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    slog.record("gave-up", "192.0.2.1", 1, 1.0)
+    slog.record("gave-up", "192.0.2.1", 2, 1.0)
+    with LogCapture() as logs:
+        clock.advance(0)
+    [event] = logs.events
+    assert formatEvent(event) == ("security log write failed: No space left on device (ENOSPC): "
+                                  f"{path}; 2 line(s) lost; later lines are tried again")
+    assert "Traceback" not in logs.text()
+
+    def bug(fd, data):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(os, "write", bug)
+    slog.record("gave-up", "192.0.2.1", 3, 1.0)
+    with LogCapture() as logs:
+        clock.advance(0)
+    [event] = logs.events
+    assert event["log_failure"].check(TypeError)
+    assert "Traceback" in logs.text()
 
 
 def test_creates_the_directory(tmp_path):
