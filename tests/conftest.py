@@ -38,16 +38,18 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float =
 
 
 class Twistd:
-    """A real ``twistd -n mailguard`` process."""
+    """A real ``twistd -n mailguard`` process (run under C{prefix}, a
+    command such as ``strace -f -o FILE``, if given)."""
 
-    def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None):
+    def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.tmp = tmp
         self.port = smtp_port
         self.spool = tmp / "spool"
         self.logfile = tmp / "twistd.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [TWISTD, "--logfile", str(self.logfile),
+        cmd = [*prefix, TWISTD, "--logfile", str(self.logfile),
                "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool), *args]
         self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

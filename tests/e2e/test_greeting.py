@@ -1,7 +1,13 @@
-"""The greeting delay end to end: a real ``twistd -n mailguard`` with a 1 s
-delay, real sockets bound to different loopback source addresses (one in
-the exception group, the others not), the Maildir and the security log on
-disk."""
+"""The greeting delay end to end: a real ``twistd -n mailguard``, real
+sockets bound to different loopback source addresses (one in the exception
+group, the others not), the Maildir and the security log on disk.
+
+No wall-clock bounds: what must happen "at once" is shown against a delay
+far longer than the sockets' timeout (a server that held the client would
+time the read out), and being held is shown by the early talker's refusal.
+The delay's length itself is measured on a ``task.Clock``
+(``tests/unit/smtpd/test_greeting.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from pathlib import Path
 from tests.conftest import write_config
 
 DELAY = 1.0
+LONG_DELAY = 60  # seconds: far longer than any read below may take
+SOCKET_TIMEOUT = 10.0
 MESSAGE = b"Subject: waited\r\nFrom: a@sender.test\r\n\r\nI waited.\r\n"
 
 
@@ -47,53 +55,41 @@ def wait_for_lines(path: Path, expected: set[str], clients: set[str], timeout: f
 
 def test_delay_exemption_early_talker_and_give_up(twistd, tmp_path):
     cfg = write_config(tmp_path / "mailserver.cfg", {
-        "SmtpGreetingDelay": "1",
+        "SmtpGreetingDelay": str(LONG_DELAY),
         "SmtpGreetingDelayExceptions": "NoDelay",  # 127.0.0.4
     })
     server = twistd(config=cfg)
     seclog = server.spool / "security.log"
 
-    # In the exception group: greeted at once.
-    t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10,
-                                  source_address=("127.0.0.4", 0)) as s:
-        banner = read_reply(s)
-        exempt_latency = time.monotonic() - t0
-        s.sendall(b"QUIT\r\n")
-    assert banner == b"220 mx.example.com ESMTP\r\n"
-    assert exempt_latency < DELAY / 2
-
-    # Not exempt: the banner comes after the delay; then ordinary SMTP.
-    t0 = time.monotonic()
-    with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.3", 0), timeout=10) as c:
-        held_latency = time.monotonic() - t0
+    # In the exception group: greeted at once (within the socket timeout,
+    # a sixth of the delay), and ordinary SMTP follows.
+    with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.4", 0), timeout=SOCKET_TIMEOUT) as c:
+        assert c.ehlo("client.test")[0] == 250
         c.sendmail("a@sender.test", ["john@example.com"], MESSAGE)
-    assert DELAY * 0.9 <= held_latency < DELAY + 2
     [delivered] = server.maildir_files("john@example.com")
     assert b"I waited." in delivered.read_bytes()
 
-    # An early talker: 554 5.7.1, then the server closes.
-    t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10,
+    # An early talker: held (so its bytes come before the greeting), cut
+    # off at once with 554 5.7.1, then the server closes.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=SOCKET_TIMEOUT,
                                   source_address=("127.0.0.5", 0)) as s:
         s.sendall(b"EHLO bot.test\r\nMAIL FROM:<spam@bot.test>\r\n")
         reply = read_reply(s)
         assert reply.startswith(b"554 5.7.1 ")
         assert s.recv(100) == b""  # closed
-    assert time.monotonic() - t0 < DELAY / 2  # at once, not after the delay
 
-    # A client that gives up after 0.3 s.
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=("127.0.0.6", 0))
-    time.sleep(0.3)
+    # A client that gives up while held.
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=SOCKET_TIMEOUT,
+                                 source_address=("127.0.0.6", 0))
     s.close()
 
-    lines = wait_for_lines(seclog, {"127.0.0.5", "127.0.0.6"}, {"127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"})
+    lines = wait_for_lines(seclog, {"127.0.0.5", "127.0.0.6"}, {"127.0.0.4", "127.0.0.5", "127.0.0.6"})
     events = {(line[1], line[2]) for line in lines}
     assert events == {("early-talker", "127.0.0.5"), ("gave-up", "127.0.0.6")}, lines
     talker = next(line for line in lines if line[1] == "early-talker")
     assert talker[5] == r"first=b'EHLO bot.test\r\nMAIL FROM:<spam@bot.test>\r\n'"
     gave_up = next(line for line in lines if line[1] == "gave-up")
-    assert 0.2 <= float(gave_up[4].split("=")[1]) < DELAY
+    assert gave_up[4].startswith("waited=") and float(gave_up[4].split("=")[1]) >= 0
     assert talker[0].endswith("Z")
 
 
@@ -116,11 +112,12 @@ def test_teaser_with_a_real_client_and_security_log_option(twistd, tmp_path):
         rest = read_reply(s)
         assert rest.startswith(b"554 5.7.1 ")
 
-    t0 = time.monotonic()
+    # A compliant client reads the whole 220 (after the delay) and sends.
     with smtplib.SMTP("127.0.0.1", server.port, source_address=("127.0.0.3", 0), timeout=10) as c:
-        assert time.monotonic() - t0 >= DELAY * 0.9
+        assert c.ehlo("client.test")[0] == 250
         c.sendmail("a@sender.test", ["john@example.com"], MESSAGE)
-    assert len(server.maildir_files("john@example.com")) == 1
+    [delivered] = server.maildir_files("john@example.com")
+    assert b"I waited." in delivered.read_bytes()
 
     [line] = wait_for_lines(seclog, {"127.0.0.5"}, {"127.0.0.3", "127.0.0.5"})
     assert line[1:3] == ["early-talker", "127.0.0.5"]

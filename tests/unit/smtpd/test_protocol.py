@@ -671,9 +671,12 @@ def test_disconnect_while_a_check_is_pending(tmp_path):
     slow = SlowRecipients()
     ctx = make_context(tmp_path, recipients=slow)
     s = ehlo(ctx)
-    s.send(f"MAIL FROM:<a@b.test>\r\nRCPT TO:<{JOHN}>\r\nNOOP\r\n")
+    # MAIL's reply waits for the pipelined group; RCPT is being checked
+    assert s.send(f"MAIL FROM:<a@b.test>\r\nRCPT TO:<{JOHN}>\r\nNOOP\r\n") == b""
     s.lose()
     slow.answer(True)  # must not write to a closed session or raise
+    assert s.take() == b""  # nothing was written after the connection was lost
+    assert s.proto.smtp.transaction is None or s.proto.smtp.transaction.recipients == []
     assert ctx.clock.getDelayedCalls() == []
 
 

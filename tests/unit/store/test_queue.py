@@ -327,3 +327,29 @@ def test_protocol_advertises_and_checks_dsn_and_etrn(world):
     world.run()
     [tx] = world.net.messages
     assert tx.rcpts == ["RCPT TO:<x@remote.test>"]
+
+
+def test_etrn_from_an_untrusted_client_starts_no_run(world):
+    """The relay host is back, the next attempt is 300 s away: an
+    outsider's ETRN is refused and changes nothing (on the clock: nothing
+    goes out until the back-off ends), a trusted client's starts the run."""
+    from mailguard.testing import connect, make_context
+
+    ctx = make_context(world.config, clock=world.clock, spool=world.spool, store=world.store,
+                       queue=world.queue)
+    world.net.up = False
+    world.accept()
+    world.run()
+    [entry] = world.queue.entries.values()
+    assert entry.attempts == 1 and entry.next_attempt == world.clock.seconds() + 300
+    world.net.up = True
+    outsider = connect(ctx, "127.0.0.3")
+    outsider.cmd("EHLO stranger.test")
+    assert outsider.codes(outsider.cmd("ETRN remote.test")) == ["458 4.5.0"]
+    world.run(299)
+    assert world.net.messages == [] and world.net.attempts == 1 and entry.attempts == 1
+    insider = connect(ctx, "127.0.0.2")
+    insider.cmd("EHLO gateway.test")
+    assert insider.codes(insider.cmd("ETRN remote.test")) == ["250 2.0.0"]
+    world.run()
+    assert len(world.net.messages) == 1
