@@ -63,6 +63,7 @@ __all__ = [
     "LookupStatus",
     "UserDirectory",
     "build",
+    "maildir_dirs",
     "normalise_domain",
     "split_address",
 ]
@@ -133,6 +134,25 @@ def split_address(address: str) -> tuple[str, str, bool]:
     if local[:1] == '"':
         local = _unquote(local)
     return local, normalise_domain(domain), bool(sep)
+
+
+def _safe_dir(name: str) -> str:
+    if name in (".", ".."):
+        return "_" + name
+    return name.replace("/", "_").replace("\0", "_") or "_"
+
+
+def maildir_dirs(mailbox: str) -> tuple[str, str]:
+    """The (domain, user) directory names of C{mailbox}'s Maildir, which
+    ``mailguard.store.maildir`` puts at ``SPOOL/mail/DOMAIN/USER/Maildir``.
+
+    C{mailbox} is a canonical address (L{Lookup.mailboxes}).  The
+    configuration refuses names this would have to change (path
+    separators, NUL, "." and ".."), but records may come from elsewhere,
+    so the mapping still keeps every name inside the spool -- and L{build}
+    refuses two accounts it maps onto one directory."""
+    local, _, domain = mailbox.rpartition("@")
+    return _safe_dir(domain), _safe_dir(local)
 
 
 def _is_wildcard(name: str) -> bool:
@@ -397,6 +417,20 @@ def build(
                         ),
                     )
                 )
+
+    # -- two accounts must never share a Maildir (mail for one would land
+    # in the other's box).
+    homes: dict[tuple[str, str], int] = {}
+    for i, canonical in enumerate(accounts):
+        first = homes.setdefault(maildir_dirs(canonical), i)
+        if first != i:
+            problems.append(
+                Problem(
+                    wheres[i],
+                    f"user {canonical}: its Maildir would be the directory of user "
+                    f"{accounts[first]} ({wheres[first]})",
+                )
+            )
 
     # -- alias records: merged by address, then flattened.
     nodes: dict[str, _Alias] = {}

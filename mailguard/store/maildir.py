@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.interfaces import IIncomingMessage, IMessageStore
+from mailguard.policy.directory import maildir_dirs
 
 log = Logger()
 
@@ -83,13 +84,7 @@ class Envelope:
 
 
 def maildir_path(spool: str, mailbox: str) -> str:
-    local, _, domain = mailbox.rpartition("@")
-    safe = lambda s: s.replace("/", "_").replace("\0", "_") or "_"  # noqa: E731
-    if local in (".", ".."):
-        local = "_" + local
-    if domain in (".", ".."):
-        domain = "_" + domain
-    return os.path.join(spool, "mail", safe(domain), safe(local), "Maildir")
+    return os.path.join(spool, "mail", *maildir_dirs(mailbox), "Maildir")
 
 
 def fsync_dir(path: str) -> None:
