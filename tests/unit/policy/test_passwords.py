@@ -144,10 +144,10 @@ def test_password_warnings():
     ]
     problems = password_warnings(users)
     assert [str(p) for p in problems] == [
-        "users.cfg:3: warning: user john@example.com: password in D3S: form cannot be "
-        "verified; this user cannot authenticate",
-        "users.cfg:4: warning: user mary@example.com: password in SHA: form is malformed "
-        "(expected 56 hex digits); this user cannot authenticate",
+        "users.cfg:3: warning: 1 enabled user has a password in D3S: form that cannot be "
+        "decoded (bad length, hex or padding) (first: john@example.com); this user cannot authenticate",
+        "users.cfg:4: warning: 1 enabled user has a password in SHA: form that is malformed "
+        "(expected 56 hex digits) (first: mary@example.com); this user cannot authenticate",
     ]
     assert not any(p.is_error for p in problems)
 
