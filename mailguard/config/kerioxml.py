@@ -88,18 +88,20 @@ class Row:
         return {self.items[i]: self._variable(i) for i in range(0, len(self.items), 3)}
 
     def get(self, *names: str) -> Variable | None:
-        """The first of C{names} present, matched case-insensitively
-        (Kerio is consistent, hand-edited files are not)."""
+        """The first of C{names} present (the last of a repeated name),
+        matched case-insensitively (Kerio is consistent, hand-edited files
+        are not)."""
         items = self.items
+        last = len(items) - 3
+        found = items[last::-3]  # the names, last first
         for name in names:
-            for i in range(len(items) - 3, -1, -3):
-                if items[i] == name:
-                    return self._variable(i)
+            if name in found:
+                return self._variable(last - 3 * found.index(name))
+        folded = [n.lower() for n in found]
         for name in names:
             lower = name.lower()
-            for i in range(len(items) - 3, -1, -3):
-                if items[i].lower() == lower:
-                    return self._variable(i)
+            if lower in folded:
+                return self._variable(last - 3 * folded.index(lower))
         return None
 
 
@@ -194,9 +196,6 @@ class _Builder:
         self.text = []
         self.parser.CharacterDataHandler = self.text.append
 
-    def ignore_text(self) -> None:
-        self.parser.CharacterDataHandler = None
-
     # -- refusals ----------------------------------------------------------
     def doctype(self, *args) -> None:
         raise _Refused("DOCTYPE declarations are not allowed in a configuration file")
@@ -207,29 +206,27 @@ class _Builder:
     # -- elements ------------------------------------------------------------
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         stack = self.stack
-        if not stack:
-            if tag != "config":
-                self.problem(f"root element is <{tag}>, expected <config>")
-            self.seen_root = True
-            stack.append((tag, self.doc))
-            return
-        parent = stack[-1][1]
+        parent = stack[-1][1] if stack else self
         if parent is None:  # inside an ignored subtree
             stack.append((tag, None))
             return
-        if tag == "variable":
+        if tag == "variable":  # most elements: kept short
             name = attrs.get("name")
             if not name:
                 self.problem("<variable> without a name attribute")
                 name = ""
-            else:
-                name = self.names.setdefault(name, name)
-            self.current_var = (name, self.parser.CurrentLineNumber)
-            self.collect()
+            self.current_var = (self.names.setdefault(name, name), self.parser.CurrentLineNumber)
+            self.text = text = []
+            self.parser.CharacterDataHandler = text.append
             stack.append((tag, None))
             return
-        self.ignore_text()
-        if tag == "tablerow" or tag == "listitem":
+        self.parser.CharacterDataHandler = None
+        if parent is self:
+            if tag != "config":
+                self.problem(f"root element is <{tag}>, expected <config>")
+            self.seen_root = True
+            stack.append((tag, self.doc))
+        elif tag == "tablerow" or tag == "listitem":
             if not isinstance(parent, Collection):
                 self.problem(f"<{tag}> outside a <table> or <list>")
                 stack.append((tag, None))
@@ -263,40 +260,44 @@ class _Builder:
 
     def end(self, tag: str) -> None:
         stack = self.stack
-        _, container = stack.pop()
-        self.ignore_text()
-        top = stack[-1][1] if stack else None
-        if tag != "variable" and isinstance(top, Row) and stack[-1][0] == "listitem" and not top.items:
-            # Back in a listitem's own text (after an ignored element).
-            self.parser.CharacterDataHandler = self.text.append
-        if tag == "variable" and self.current_var is not None:
+        container = stack.pop()[1]
+        self.parser.CharacterDataHandler = None
+        parent = stack[-1][1] if stack else None
+        if tag == "variable":
+            if self.current_var is None or parent is None:
+                return
             name, line = self.current_var
             self.current_var = None
             value = "".join(self.text)
-            if self.last_value.get(name) == value:
-                value = self.last_value[name]
+            last = self.last_value
+            if last.get(name) == value:
+                value = last[name]
             else:
-                self.last_value[name] = value
-            parent = self.stack[-1][1] if self.stack else None
-            if not name or parent is None:
-                return
-            if isinstance(parent, Row):
+                last[name] = value
+            if parent.__class__ is Row:
                 parent.items.extend((name, value, line - parent.line))
-                return
-            variables = parent.variables
-            var = _new_tuple(Variable, (name, value, self.path, line))
-            prev = variables.get(name)
-            if prev is not None:
-                self.doc.problems.append(Problem(
-                    var.where,
-                    f'variable "{name}" is set twice (first at line '
-                    f"{prev.line}); the last value is used",
-                    "warning"))
-            variables[name] = var
-        elif isinstance(container, Row):
+            elif name:
+                self.setting(parent.variables, _new_tuple(Variable, (name, value, self.path, line)))
+            return
+        if container.__class__ is Row:
             container.items = tuple(container.items)
             if tag == "listitem" and not container.items and not container.nested:
                 container.text = "".join(self.text).strip()
+        elif parent.__class__ is Row and stack[-1][0] == "listitem" and not parent.items:
+            # Back in a listitem's own text (after an ignored element).
+            self.parser.CharacterDataHandler = self.text.append
+
+    def setting(self, variables: dict[str, Variable], var: Variable) -> None:
+        """A top-level or section variable; set twice in one place is a
+        warning (the last value is used)."""
+        prev = variables.get(var.name)
+        if prev is not None:
+            self.doc.problems.append(Problem(
+                var.where,
+                f'variable "{var.name}" is set twice (first at line '
+                f"{prev.line}); the last value is used",
+                "warning"))
+        variables[var.name] = var
 
 
 def _parser(path: str) -> tuple[object, _Builder]:

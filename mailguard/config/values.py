@@ -236,6 +236,9 @@ def parse_address(text: str, what: str = "address") -> str:
     """``local@domain``: a local part as L{parse_local_part} takes it and a
     host name (L{parse_hostname}, lower-cased)."""
     t = text.strip()
+    bad = _bad_character(t)
+    if bad is not None:
+        raise ValueError(f"{what} {shown(t)} contains {bad}")
     local, at, domain = t.rpartition("@")
     if not at:
         raise ValueError(f"{what} {shown(t)} has no domain")

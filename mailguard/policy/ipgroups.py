@@ -270,6 +270,19 @@ class IPGroups:
         flat = self._groups.get(group)
         return len(flat.v4_starts) + len(flat.v6_starts) if flat else 0
 
+    def bounds(self, group: str, version: int) -> tuple[list[int], list[int]]:
+        """The merged, sorted intervals of C{group} for IP C{version} (4 or
+        6; IPv4-mapped IPv6 is folded to 4) as two parallel lists, the
+        inclusive starts and ends -- the group's own lists, not copies: do
+        not change them.  Empty for an unknown group.  For checks on a
+        group's extent (the open-relay check); lookups use L{contains}."""
+        flat = self._groups.get(group)
+        if flat is None:
+            return [], []
+        if version == 4:
+            return flat.v4_starts, flat.v4_ends
+        return flat.v6_starts, flat.v6_ends
+
     def describe(self, group: str) -> str:
         """A one-line summary for ``mailguard check``, e.g.
         ``Trusted: 3 entries, includes LAN; 1 disabled``."""
