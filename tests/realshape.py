@@ -72,7 +72,7 @@ def _var(name: str, value: str) -> str:
 
 def mailserver_cfg(path: Path, *, settings: dict[str, tuple[str | None, str]] | None = None,
                    domains: int = 50, ip_rows: int = 2000, relay_group: str = "Trusted",
-                   seed: int = 1) -> Path:
+                   sections: bool = True, seed: int = 1) -> Path:
     """Write a mailserver.cfg in the real shape.
 
     @param settings: mailguard names to set: C{name -> (section, value)};
@@ -89,7 +89,7 @@ def mailserver_cfg(path: Path, *, settings: dict[str, tuple[str | None, str]] | 
     for name, (section, value) in settings.items():
         if section is None:
             out.append(f"  {_var(name, value)}")
-    for section, names in KERIO_SECTIONS.items():
+    for section, names in KERIO_SECTIONS.items() if sections else ():
         out.append(f'  <table name="{section}">')
         for n in names:
             out.append(f"    {_var(n, rnd.choice(['0', '1', '25', 'C:/Kerio/store', '']))}")
