@@ -189,13 +189,18 @@ def _names(row: Row, column: str, kind: str, owner: str, what: str,
     return tuple(out)
 
 
+def _named_rows(doc: Document, kind: str, problems: list[Problem], default_domain: str | None):
+    """(row, local part, domain) of each row of collection C{kind} whose
+    name and domain are good (L{_name_and_domain})."""
+    for row in rows(doc, kind):
+        found = _name_and_domain(row, kind, problems, default_domain)
+        if found is not None:
+            yield row, *found
+
+
 def read_users(doc: Document, problems: list[Problem], default_domain: str | None) -> list[UserRecord]:
     out = []
-    for row in rows(doc, "User"):
-        found = _name_and_domain(row, "User", problems, default_domain)
-        if found is None:
-            continue
-        name, domain = found
+    for row, name, domain in _named_rows(doc, "User", problems, default_domain):
         pw = row.get("Password")  # PasswordHistory is never read
         out.append(UserRecord(
             name=name,
@@ -210,11 +215,7 @@ def read_users(doc: Document, problems: list[Problem], default_domain: str | Non
 
 def read_aliases(doc: Document, problems: list[Problem], default_domain: str | None) -> list[AliasRecord]:
     out = []
-    for row in rows(doc, "Alias"):
-        found = _name_and_domain(row, "Alias", problems, default_domain)
-        if found is None:
-            continue
-        name, domain = found
+    for row, name, domain in _named_rows(doc, "Alias", problems, default_domain):
         if not parse_list(_value(row, "DeliverTo")):
             problems.append(Problem(row.where, f'Alias "{name}": no "DeliverTo"'))
             continue
