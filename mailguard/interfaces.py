@@ -147,3 +147,18 @@ class IRelayQueue(Interface):
 
     def kick(domain=None):
         """Start a queue run now (ETRN), for one domain or all."""
+
+
+class IRelayIntake(Interface):
+    """Where the Maildir store hands a message's relayed recipients: the
+    seam that keeps the store and the relay queue apart (the store calls
+    it; the queue never calls the store)."""
+
+    def add_file(path, envelope):
+        """Runs in the store's commit thread: make the fsynced message file
+        C{path} a queue entry for C{envelope.relay_recipients}.  Returns
+        C{(entry, names created, directories to fsync before the 250)}; the
+        store fsyncs the directories and takes the names back on failure."""
+
+    def enqueued(entry):
+        """In the reactor, once the entry is durable: schedule it."""

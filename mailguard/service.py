@@ -22,14 +22,17 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailguard.config.settings import Configuration
-from mailguard.store.maildir import MaildirStore, disk_runner, run_in_thread
+from mailguard.store.durable import DirSyncer, disk_runner, run_in_thread
+from mailguard.store.maildir import MaildirStore
 from mailguard.smtpd.factory import MailguardFactory, ServerContext
 from mailguard.config.problems import ConfigError, errors
-from mailguard.gateway.gateway import build_gateway
+from mailguard.gateway.build import build_gateway
 from mailguard.interfaces import IUserDirectory
 from mailguard.policy.build import Tables, build_policies, build_tables
 from mailguard.config.values import parse_host_port
-from mailguard.store.queue import RelayQueue, client_tls, directory_router
+from mailguard.store.notices import Notifier, directory_router
+from mailguard.store.queue import RelayQueue
+from mailguard.store.relayclient import client_tls
 from mailguard.smtpd.proxy import ProxyHeaderFactory
 from mailguard.smtpd.seclog import SecurityLog
 from mailguard.smtpd import tls as tls_mod
@@ -78,12 +81,14 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor,
             raise ConfigError(errors(problems))
     gateway = build_gateway(config, opts, reactor)  # None unless GatewayEnabled=1
     policies = build_policies(config, reactor, tables=tables, gateway=gateway)
-    queue = build_queue(config, opts, reactor, spool, tables.directory, gateway)
-    store = MaildirStore(spool, queue.run, queue=queue)
-    removed = store.recover()
+    syncer = DirSyncer()  # one group commit for the Maildirs and the queue
+    queue = build_queue(config, opts, reactor, spool, tables.directory, gateway, syncer=syncer)
+    store = MaildirStore(spool, queue.run, relay=queue, notices=queue.notices, syncer=syncer)
+    queue.deliver = store.inject  # DSNs are stored like received mail
+    removed = store.open()
     if removed:
         log.info("removed {n} partial message(s) left by a crash", n=removed)
-    removed = queue.recover()
+    removed = queue.open()
     if removed:
         log.info("relay queue: removed {n} file(s) left by a crash", n=removed)
     return ServerContext(
@@ -100,7 +105,7 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor,
 
 
 def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: str,
-                directory: IUserDirectory, gateway=None) -> RelayQueue:
+                directory: IUserDirectory, gateway=None, syncer: DirSyncer | None = None) -> RelayQueue:
     """The relay queue (mailguard.store.queue) for --relay-host and the Queue*
     settings; fsync work runs in its own thread pool."""
     relay_host = parse_host_port(opts["relay-host"]) if opts.get("relay-host") else None
@@ -116,7 +121,8 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
         retry_min=config.queue_retry_min,
         retry_max=config.queue_retry_max,
         concurrency=config.queue_concurrency,
-        router=directory_router(directory, gateway),
+        notices=Notifier(config.hostname, reactor, directory_router(directory, gateway)),
+        syncer=syncer,
         tls=tls,
         tls_required=config.relay_tls_verify,
     )

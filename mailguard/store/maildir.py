@@ -8,29 +8,38 @@ administrators):
    nothing else ever reads that directory): a message up to 512 KiB is
    kept in memory while it arrives and written by the commit thread at the
    final dot; a larger one is written as it arrives.
-2. At the final dot the file is fsynced, then hard-linked into the ``new/``
-   directory of each local recipient's Maildir and, for relayed recipients,
-   into the relay queue (``mailguard.store.queue``: ``SPOOL/queue/active/<id>.eml``
-   beside its envelope ``<id>.env``).  A link appears atomically and
-   complete: no reader ever sees half a message, and one inode serves every
-   destination (Maildir files are never modified in place, so sharing is
-   safe; a user who deletes their copy removes only their link).  This is
-   the Maildir protocol's "write in ``tmp/``, then move into ``new/``"
-   with the temporary directory shared by all Maildirs.
+2. At the final dot the file is fsynced, then hard-linked into the
+   ``new/`` directory of each local recipient's Maildir and, for relayed
+   recipients, into the relay queue (through the store's C{relay}, an
+   L{mailguard.interfaces.IRelayIntake}: ``SPOOL/queue/active/<id>.eml``
+   beside its envelope ``<id>.env``, see L{mailguard.store.queuedir}).  A
+   link appears atomically and complete: no reader ever sees half a
+   message, and one inode serves every destination (Maildir files are never
+   modified in place, so sharing is safe; a user who deletes their copy
+   removes only their link).  This is the Maildir protocol's "write in
+   ``tmp/``, then move into ``new/``" with the temporary directory shared
+   by all Maildirs.
 3. The directories that received a link are fsynced -- *group commit*:
    concurrent messages share a directory fsync, but each waits for one that
-   *started after its own link* (see L{DirSyncer}).  Steps 1 (for a
-   message kept in memory) to 3 are one task in the disk thread pool.
-   Only then is the ``250`` sent.
+   *started after its own link* (see L{mailguard.store.durable.DirSyncer}).
+   Steps 1 (for a message kept in memory) to 3 are one task in the disk
+   thread pool.  Only then is the ``250`` sent.
 4. The incoming name is unlinked as soon as the links exist; after a crash
    ``incoming/`` holds only messages that never got their ``250``, and
-   L{MaildirStore.recover} removes them at start-up.
+   L{MaildirStore.open} removes them at start-up.
 
 A message is stored once whatever the number of recipients; an alias that
 names the same mailbox twice still gives one copy.
 
+The dependency runs one way: the store hands relayed recipients to the
+queue through the narrow C{relay} seam; the queue knows nothing of the
+store and stores its DSNs through a callable that the composition root
+(L{mailguard.service}) wires to L{MaildirStore.inject}.
+
 Blocking disk work runs in a thread pool (``run``); tests pass
-L{run_inline} and everything happens at once, in order.
+L{mailguard.store.durable.run_inline} and everything happens at once, in
+order.  The constructor touches nothing on disk: L{MaildirStore.open}
+creates the directories and recovers, once, at start-up.
 
 Layout::
 
@@ -42,11 +51,8 @@ Layout::
 from __future__ import annotations
 
 import os
-import socket
 import threading
-import time
 from dataclasses import dataclass, field
-from itertools import count
 from typing import Callable
 
 from twisted.internet import defer
@@ -56,177 +62,22 @@ from zope.interface import implementer
 
 from mailguard.interfaces import IIncomingMessage, IMessageStore
 from mailguard.policy.directory import maildir_dirs
+from mailguard.store.durable import DirSyncer, empty_dir, makedirs_durable, run_inline, write_all
+from mailguard.store.envelope import Envelope
+
+__all__ = ["Envelope", "IncomingMessage", "MaildirStore", "ensure_maildir", "maildir_path"]
 
 log = Logger()
-
-_counter = count()
-_HOST = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
-
-
-def new_message_id() -> str:
-    """A unique, sortable id (also the Maildir file name's unique part)."""
-    t = time.time()
-    return f"{int(t)}.M{int((t % 1) * 1e6):06d}P{os.getpid()}Q{next(_counter)}.{_HOST}"
-
-
-@dataclass
-class Envelope:
-    """What the protocol hands the store at DATA."""
-
-    mail_from: str  # "" for the null sender
-    mailboxes: tuple[str, ...]  # local accounts "user@domain"
-    relay_recipients: tuple[str, ...] = ()  # non-local addresses (queue)
-    mail_params: dict = field(default_factory=dict)
-    rcpt_params: dict = field(default_factory=dict)  # address -> params
-    client_ip: str = ""
-    helo: str = ""
-    message_id: str = field(default_factory=new_message_id)
 
 
 def maildir_path(spool: str, mailbox: str) -> str:
     return os.path.join(spool, "mail", *maildir_dirs(mailbox), "Maildir")
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def makedirs_durable(path: str) -> bool:
-    """``os.makedirs(path, exist_ok=True)``, and fsync the parent of every
-    directory it creates, so that a directory a ``250`` depends on cannot
-    vanish in a crash.  True if anything was created."""
-    path = os.path.abspath(path)
-    missing = []
-    p = path
-    while not os.path.isdir(p):
-        missing.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    created = False
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-            created = True
-        except FileExistsError:
-            pass
-        fsync_dir(os.path.dirname(d))
-    return created
-
-
 def ensure_maildir(path: str) -> None:
     """Create a Maildir (``tmp``, ``new``, ``cur``) durably."""
     for sub in ("tmp", "new", "cur"):
         makedirs_durable(os.path.join(path, sub))
-
-
-def run_in_thread(reactor, pool=None):
-    """A runner that moves blocking disk work off the reactor thread (into
-    C{pool}, by default the reactor's)."""
-    from twisted.internet.threads import deferToThreadPool
-
-    def run(f, *args):
-        return deferToThreadPool(reactor, pool if pool is not None else reactor.getThreadPool(), f, *args)
-
-    return run
-
-
-def disk_runner(reactor, threads: int = 32):
-    """A runner with its own thread pool for fsync work, started with the
-    reactor and stopped at shutdown.  fsync calls mostly wait: with 20
-    sessions committing at once, 10 threads (the reactor pool's default,
-    shared with PBKDF2) would queue them; more threads let the file system
-    merge their journal commits."""
-    from twisted.python.threadpool import ThreadPool
-
-    pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailguard-disk")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-    return run_in_thread(reactor, pool)
-
-
-def run_inline(f, *args):
-    """A runner for tests: the blocking work runs at once."""
-    return defer.maybeDeferred(f, *args)
-
-
-class DirSyncer:
-    """Group commit of directory fsyncs, for the threads that do disk work.
-
-    ``sync(path)`` is called by a thread after its link or rename into
-    C{path} has completed, and returns once an fsync of C{path} that
-    *started after that call* has finished (raising its error if it
-    failed).  If no fsync of C{path} is running, the caller runs one now;
-    if one is running, the caller waits for the next one, which the first
-    waiter starts as soon as the running one ends and which serves every
-    thread that asked meanwhile.  So N concurrent messages cost about two
-    directory fsyncs, not N, and no message's ``250`` rests on an fsync
-    that may have missed its link.
-
-    Each request takes a ticket under the lock; an fsync records the last
-    ticket issued before it started, and serves every ticket up to it.
-    """
-
-    def __init__(self, fsync: Callable[[str], None] | None = None) -> None:
-        self._fsync = fsync
-        self._lock = threading.Lock()
-        self._dirs: dict[str, _DirState] = {}
-        self.requests = 0  # statistics, for tests and benchmarks
-        self.fsyncs = 0
-
-    def sync(self, path: str) -> None:
-        fsync = self._fsync or fsync_dir
-        with self._lock:
-            st = self._dirs.get(path)
-            if st is None:
-                st = self._dirs[path] = _DirState(self._lock)
-            self.requests += 1
-            st.issued += 1
-            ticket = st.issued
-            while st.done < ticket:
-                if st.failed and st.failed[0] >= ticket:
-                    raise st.failed[1]
-                if st.running:
-                    st.cond.wait()
-                    continue
-                st.running = True
-                target = st.issued
-                self.fsyncs += 1
-                self._lock.release()
-                try:
-                    fsync(path)
-                except OSError as e:
-                    error = e
-                else:
-                    error = None
-                finally:
-                    self._lock.acquire()
-                st.running = False
-                if error is None:
-                    st.done = target
-                else:
-                    st.failed = (target, error)
-                st.cond.notify_all()
-
-    def sync_all(self, paths) -> None:
-        for p in sorted(set(paths)):
-            self.sync(p)
-
-
-class _DirState:
-    __slots__ = ("issued", "done", "running", "failed", "cond")
-
-    def __init__(self, lock) -> None:
-        self.issued = 0  # the last ticket handed out
-        self.done = 0  # every ticket up to this one is durable
-        self.running = False
-        self.failed = None  # (last ticket of a failed fsync, its error)
-        self.cond = threading.Condition(lock)
 
 
 @dataclass
@@ -236,7 +87,7 @@ class Committed:
     message_id: str
     dirs: set = field(default_factory=set)  # directories that got a link (fsynced)
     links: list = field(default_factory=list)  # created names (undo on failure)
-    entry: object = None  # a mailguard.store.queue.QueueEntry, or None
+    entry: object = None  # what the relay intake returned (a queue entry), or None
     notices: list = field(default_factory=list)  # (Envelope, bytes): DSNs to inject
 
 
@@ -277,7 +128,7 @@ class IncomingMessage:
             data = b"".join(self._chunks)
             self._chunks = None
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        _write_all(self.fd, data)
+        write_all(self.fd, data)
         self._unsynced += len(data)
         if self._unsynced >= self.SYNC_EVERY and self._syncing is None:
             self._unsynced = 0
@@ -331,47 +182,46 @@ class IncomingMessage:
             pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 @implementer(IMessageStore)
 class MaildirStore:
-    """Maildirs for local mailboxes; the relay queue for the rest.
+    """Maildirs for local mailboxes; relayed recipients go to C{relay}.
 
-    @param run: runs blocking disk work (L{run_in_thread}, L{disk_runner}
-        or, in tests, L{run_inline}).
-    @param queue: a L{mailguard.store.queue.RelayQueue}; the store attaches
-        itself to it (bounces are stored through the store).
+    @param run: runs blocking disk work (L{mailguard.store.durable.run_in_thread},
+        L{mailguard.store.durable.disk_runner} or, in tests,
+        L{mailguard.store.durable.run_inline}).
+    @param relay: where relayed recipients go: an
+        L{mailguard.interfaces.IRelayIntake} (the relay queue).  Without
+        one, a message with relayed recipients fails its commit.
+    @param notices: a L{mailguard.store.notices.Notifier} for success DSNs
+        to local recipients; None: none are written.
+    @param syncer: the L{DirSyncer} shared with the relay queue.
     """
 
-    def __init__(self, spool: str, run=run_inline, queue=None) -> None:
+    def __init__(self, spool: str, run=run_inline, *, relay=None, notices=None,
+                 syncer: DirSyncer | None = None) -> None:
         self.spool = spool
         self.run = run
-        self.queue = queue
+        self.relay = relay
+        self.notices = notices
         self.incoming = os.path.join(spool, "incoming")
-        makedirs_durable(self.incoming)
-        makedirs_durable(os.path.join(spool, "mail"))
+        self.syncer = syncer if syncer is not None else DirSyncer()
         self._known_maildirs: set[str] = set()
         self._mkdir_lock = threading.Lock()
-        self.syncer = DirSyncer()
-        if queue is not None:
-            queue.attach(self)
+        self._opened = False
 
-    def recover(self) -> int:
-        """Remove messages that never got their 250 (left by a crash)."""
-        n = 0
-        for name in os.listdir(self.incoming):
-            try:
-                os.unlink(os.path.join(self.incoming, name))
-                n += 1
-            except OSError:
-                pass
-        return n
+    def open(self) -> int:
+        """At start-up, before L{begin}: create the spool's directories
+        (durably) and remove messages that never got their 250 (left by a
+        crash).  Returns how many were removed."""
+        makedirs_durable(self.incoming)
+        makedirs_durable(os.path.join(self.spool, "mail"))
+        removed = empty_dir(self.incoming)
+        self._opened = True
+        return removed
 
     def begin(self, envelope: Envelope) -> IncomingMessage:
+        if not self._opened:
+            raise RuntimeError("MaildirStore.open() must be called before begin()")
         return IncomingMessage(self, envelope)
 
     # -- committing ------------------------------------------------------------------
@@ -394,7 +244,7 @@ class MaildirStore:
         path = os.path.join(self.incoming, envelope.message_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -404,7 +254,7 @@ class MaildirStore:
     def _finish(self, d: defer.Deferred) -> defer.Deferred:
         def durable(committed: Committed):
             if committed.entry is not None:
-                self.queue.enqueued(committed.entry)
+                self.relay.enqueued(committed.entry)
             for env, data in committed.notices:
                 self.inject(env, lambda data=data: data).addErrback(
                     lambda f: log.failure("cannot store a delivery notification", f))
@@ -444,14 +294,14 @@ class MaildirStore:
                 done.links.append(target)
                 done.dirs.add(new)
             if envelope.relay_recipients:
-                if self.queue is None:
+                if self.relay is None:
                     raise RuntimeError("relay recipients but no relay queue")
-                entry, links, dirs = self.queue.add_file(path, envelope)
+                entry, links, dirs = self.relay.add_file(path, envelope)
                 done.entry = entry
                 done.links += links
                 done.dirs.update(dirs)
-            if self.queue is not None and envelope.mail_from:
-                done.notices = self.queue.local_notices(path, envelope)
+            if self.notices is not None and envelope.mail_from:
+                done.notices = self.notices.on_local_delivery(path, envelope)
             self.syncer.sync_all(done.dirs)
         except BaseException:
             for p in done.links:

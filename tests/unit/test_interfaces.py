@@ -22,6 +22,7 @@ def _implementers(tmp_path):
     policies = build.build_policies(config, clock, tables=tables)
     trust = TrustPolicy(tables.ip_groups, True, "Trusted relays", True)
     store = MaildirStore(str(tmp_path))
+    store.open()
     return [
         (I.IIPGroups, tables.ip_groups),
         (I.IUserDirectory, tables.directory),
@@ -47,8 +48,8 @@ def _context_extras(tmp_path):
 
     config = dataclasses.replace(config_mod.load(None), gateway_enabled=True)
     ctx = build_context(config, {"spool": str(tmp_path / "ctx"), "relay-host": "127.0.0.1:1"}, reactor)
-    return [(I.IRelayQueue, ctx.queue), (I.IRecipientGateway, ctx.recipients.gateway),
-            (I.IVrfyPolicy, ctx.vrfy)]
+    return [(I.IRelayQueue, ctx.queue), (I.IRelayIntake, ctx.store.relay),
+            (I.IRecipientGateway, ctx.recipients.gateway), (I.IVrfyPolicy, ctx.vrfy)]
 
 
 def test_every_implementer_verifies(tmp_path):

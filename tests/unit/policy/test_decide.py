@@ -15,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -23,6 +22,7 @@ from mailguard import replies
 from mailguard.policy.addresses import AddressError, Mailbox, hidden_destination, parse_path, parse_rcpt_to
 from mailguard.interfaces import IIPGroups, IRecipientPolicy, ITrustPolicy, IUserDirectory, IVrfyPolicy
 from mailguard.policy.decide import RecipientPolicy, RecipientVerdict, Session, TrustPolicy, VrfyPolicy
+from mailguard.testing import result_of
 
 try:
     from mailguard.policy.directory import LookupStatus
@@ -174,16 +174,6 @@ AUTHED = Session("198.51.100.7", 40003, "submission", tls=True, authenticated=f"
 
 def trust(relay_group_enabled=True, auth_enabled=True, group="Trusted") -> TrustPolicy:
     return TrustPolicy(GROUPS, relay_group_enabled, group, auth_enabled)
-
-
-def result_of(d: defer.Deferred):
-    """The result of an already-fired Deferred (raising its failure)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 # --- interfaces ---------------------------------------------------------------------

@@ -18,17 +18,19 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from mailguard.config import settings as config_mod
-from mailguard.store.maildir import (
-    DirSyncer,
-    Envelope,
-    MaildirStore,
-    ensure_maildir,
-    maildir_path,
-    makedirs_durable,
-)
+from mailguard.store import durable
+from mailguard.store.durable import DirSyncer, makedirs_durable, run_inline
+from mailguard.store.maildir import Envelope, MaildirStore, ensure_maildir, maildir_path
 from tests.conftest import write_config
 
 BODY = b"Subject: test\r\n\r\nHello.\r\n"
+
+
+def open_store(spool, run=run_inline) -> MaildirStore:
+    """A store after its start-up step, as mailguard.service opens it."""
+    store = MaildirStore(str(spool), run)
+    store.open()
+    return store
 
 
 class ManualRun:
@@ -53,7 +55,7 @@ class ManualRun:
 
 
 def test_one_copy_for_many_local_recipients(tmp_path):
-    store = MaildirStore(str(tmp_path))
+    store = open_store(tmp_path)
     env = Envelope("a@b.test", ("john@example.com", "jane@example.com", "john@example.com"))
     msg = store.begin(env)
     msg.write(BODY)
@@ -66,16 +68,29 @@ def test_one_copy_for_many_local_recipients(tmp_path):
 
 
 def test_recover_removes_unacknowledged_messages(tmp_path):
-    store = MaildirStore(str(tmp_path))
+    store = open_store(tmp_path)
     msg = store.begin(Envelope("a@b.test", ("john@example.com",)))
     msg.write(b"x" * (msg.SPILL + 1))  # a big message is written as it arrives
     assert len(os.listdir(tmp_path / "incoming")) == 1
-    assert MaildirStore(str(tmp_path)).recover() == 1
+    assert MaildirStore(str(tmp_path)).open() == 1
     assert os.listdir(tmp_path / "incoming") == []
 
 
+def test_the_constructor_touches_nothing_on_disk(tmp_path):
+    """Directories are made, and crash leftovers removed, by open() at
+    start-up (mailguard.service calls it), never by the constructor."""
+    spool = tmp_path / "spool"
+    store = MaildirStore(str(spool))
+    assert not spool.exists()
+    with pytest.raises(RuntimeError, match="open"):
+        store.begin(Envelope("a@b.test", ("john@example.com",)))
+    assert store.open() == 0
+    assert sorted(os.listdir(spool)) == ["incoming", "mail"]
+    assert store.open() == 0  # idempotent
+
+
 def test_relay_recipients_without_a_queue_fail_the_commit(tmp_path):
-    store = MaildirStore(str(tmp_path))
+    store = open_store(tmp_path)
     msg = store.begin(Envelope("a@b.test", ("john@example.com",), ("x@remote.test",)))
     msg.write(BODY)
     failures = []
@@ -87,10 +102,8 @@ def test_relay_recipients_without_a_queue_fail_the_commit(tmp_path):
 
 def test_makedirs_durable_fsyncs_each_new_parent(tmp_path, monkeypatch):
     synced = []
-    import mailguard.store.maildir as delivery
-
-    real = delivery.fsync_dir
-    monkeypatch.setattr(delivery, "fsync_dir", lambda p: (synced.append(p), real(p)))
+    real = durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_dir", lambda p: (synced.append(p), real(p)))
     assert makedirs_durable(str(tmp_path / "a" / "b" / "c"))
     assert synced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
     synced.clear()
@@ -109,7 +122,7 @@ def test_maildir_layout(tmp_path):
 
 
 def test_messages_are_private(tmp_path):
-    store = MaildirStore(str(tmp_path))
+    store = open_store(tmp_path)
     env = Envelope("a@b.test", ("john@example.com",))
     msg = store.begin(env)
     msg.write(BODY)
@@ -120,7 +133,7 @@ def test_messages_are_private(tmp_path):
 
 @pytest.mark.parametrize("size", [10, 600 * 1024])
 def test_abort_leaves_nothing(tmp_path, size):
-    store = MaildirStore(str(tmp_path))
+    store = open_store(tmp_path)
     msg = store.begin(Envelope("a@b.test", ("john@example.com",)))
     msg.write(b"x" * size)
     msg.abort()
@@ -130,7 +143,7 @@ def test_abort_leaves_nothing(tmp_path, size):
 
 @pytest.mark.parametrize("chunks", [[BODY], [b"a" * 400000, b"b" * 400000, b"c\r\n"]])
 def test_small_and_large_messages_are_stored_whole(tmp_path, chunks):
-    store = MaildirStore(str(tmp_path))
+    store = open_store(tmp_path)
     env = Envelope("a@b.test", ("john@example.com",))
     msg = store.begin(env)
     for c in chunks:
@@ -257,7 +270,7 @@ def _session(tmp_path, run):
     from mailguard.testing import connect, make_context
 
     config = config_mod.load(str(write_config(tmp_path / "mailserver.cfg")))
-    store = MaildirStore(str(tmp_path / "spool"), run)
+    store = open_store(tmp_path / "spool", run)
     ctx = make_context(config, clock=Clock(), spool=str(tmp_path / "spool"), store=store)
     proto, transport = connect(ctx, "127.0.0.3")
     proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<john@example.com>\r\n"
@@ -271,12 +284,10 @@ def test_the_250_comes_after_the_file_and_directory_fsyncs(tmp_path, monkeypatch
     """The protocol, the real store, and a runner the test steps: the reply
     to the final dot is written only after the message file's fsync and
     then the fsync of the Maildir's new/ (which saw the link)."""
-    import mailguard.store.maildir as delivery
-
     run = ManualRun()
     store, proto, transport = _session(tmp_path, run)
     events = []
-    real_fsync, real_dir = os.fsync, delivery.fsync_dir
+    real_fsync, real_dir = os.fsync, durable.fsync_dir
 
     def file_fsync(fd):
         if stat.S_ISREG(os.fstat(fd).st_mode):
@@ -288,8 +299,8 @@ def test_the_250_comes_after_the_file_and_directory_fsyncs(tmp_path, monkeypatch
         events.append(("dir", transport.value(), path.endswith(os.path.join("Maildir", "new")), linked))
         real_dir(path)
 
-    monkeypatch.setattr(delivery.os, "fsync", file_fsync)
-    monkeypatch.setattr(delivery, "fsync_dir", dir_fsync)
+    monkeypatch.setattr(os, "fsync", file_fsync)
+    monkeypatch.setattr(durable, "fsync_dir", dir_fsync)
     proto.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
     assert transport.value() == b""
     [(f, args, _)] = run.calls
@@ -305,15 +316,13 @@ def test_the_250_comes_after_the_file_and_directory_fsyncs(tmp_path, monkeypatch
 
 
 def test_a_failed_directory_fsync_is_a_4xx_and_takes_the_links_back(tmp_path, monkeypatch):
-    import mailguard.store.maildir as delivery
-
     run = ManualRun()
     store, proto, transport = _session(tmp_path, run)
 
     def broken(path):
         raise OSError(5, "EIO")
 
-    monkeypatch.setattr(delivery, "fsync_dir", broken)
+    monkeypatch.setattr(durable, "fsync_dir", broken)
     proto.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
     run.step()
     assert transport.value().startswith(b"452 4.3.1")
@@ -324,7 +333,7 @@ def test_a_failed_directory_fsync_is_a_4xx_and_takes_the_links_back(tmp_path, mo
 # --- large messages: early fdatasync while the rest arrives ----------------------------
 
 def _big(tmp_path, run):
-    store = MaildirStore(str(tmp_path), run=run)
+    store = open_store(tmp_path, run)
     env = Envelope("a@b.test", ("john@example.com",))
     msg = store.begin(env)
     msg.SYNC_EVERY = 1024 * 1024
@@ -383,16 +392,14 @@ def test_a_failed_early_flush_fails_the_commit(tmp_path):
 
 
 def test_a_failed_file_fsync_leaves_nothing_in_incoming(tmp_path, monkeypatch):
-    import mailguard.store.maildir as delivery
-
-    store = MaildirStore(str(tmp_path))
+    store = open_store(tmp_path)
     msg = store.begin(Envelope("a@b.test", ("john@example.com",)))
     msg.write(BODY)
 
     def broken(fd):
         raise OSError(5, "EIO")
 
-    monkeypatch.setattr(delivery.os, "fsync", broken)
+    monkeypatch.setattr(os, "fsync", broken)
     failures = []
     msg.commit().addErrback(failures.append)
     assert len(failures) == 1 and failures[0].check(OSError)

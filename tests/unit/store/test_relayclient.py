@@ -1,0 +1,100 @@
+"""The relay queue's SMTP client (mailguard.store.relayclient) on the wire:
+dot-stuffing, one connection for several entries, EHLO/HELO, the ESMTP
+parameters it passes on, and how it reads the next hop's refusals.
+
+The queue drives it as in production; the next hop is the in-memory
+back-end of ``mailguard.testing`` (see ``world.py``).
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.unit.store.world import parse_report
+
+
+def test_dot_stuffing_across_chunk_boundaries(world):
+    # FileSender reads 16 KiB chunks: put a dot-line at every boundary.
+    line = b"x" * 62 + b"\r\n"
+    body = b"Subject: dots\r\n\r\n" + (line * 300 + b".dot\r\n") * 10 + b".\r\n..\r\n"
+    world.accept(body=body)
+    world.run()
+    assert world.net.messages[0].data == body
+
+
+@given(lines=st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a.b", b"x" * 50]), max_size=40),
+       cuts=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=8))
+def test_transform_chunk_stuffs_like_rfc5321(lines, cuts):
+    """However the file is cut into chunks, the bytes on the wire are the
+    RFC 5321 4.5.2 dot-stuffed message."""
+    from mailguard.store.relayclient import RelayClient
+
+    message = b"".join(line + b"\r\n" for line in lines)
+    client = RelayClient.__new__(RelayClient)
+    client.__dict__.update(_line_start=True)
+    client.resetTimeout = lambda: None
+    out, i, k = [], 0, 0
+    while i < len(message):
+        n = cuts[k % len(cuts)]
+        out.append(client.transformChunk(message[i:i + n]))
+        i, k = i + n, k + 1
+    expected = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    assert b"".join(out) == expected
+
+
+def test_several_entries_share_a_connection(world):
+    for _ in range(3):
+        world.accept()
+    world.run()
+    assert len(world.net.messages) == 3
+    assert world.net.attempts <= 3
+    assert world.net.commands.count("QUIT") == world.net.attempts
+
+
+def test_8bit_message_is_sent_with_body_8bitmime(world):
+    body = "Subject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode("utf-8")
+    world.accept(body=body, mail_params={"BODY": "8BITMIME"})
+    world.run()
+    assert " BODY=8BITMIME" in world.net.messages[0].mail
+
+
+def test_dsn_parameters_passed_to_a_dsn_next_hop(world):
+    world.net.extensions.append("DSN")
+    world.accept(mail_params={"RET": "HDRS", "ENVID": "id+2B1"},
+                 rcpt_params={"x@remote.test": {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;x@remote.test"}})
+    world.run()
+    [tx] = world.net.messages
+    assert tx.mail.endswith(" RET=HDRS ENVID=id+2B1")
+    assert tx.rcpts == ["RCPT TO:<x@remote.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@remote.test"]
+    assert world.maildir("john@example.com") == []  # the next hop reports success
+
+
+def test_ehlo_refused_falls_back_to_helo(world):
+    world.net.overrides["EHLO"] = b"502 5.5.1 no ESMTP here\r\n"
+    world.accept()
+    world.run()
+    assert any(c.startswith("HELO") for c in world.net.commands)
+    assert "SIZE=" not in world.net.messages[0].mail
+
+
+def test_greeting_refusal_is_temporary(world):
+    world.net.greeting = "421 4.3.2 busy"
+    world.accept()
+    world.run()
+    assert world.net.messages == []
+    [entry] = world.queue.entries.values()
+    assert entry.attempts == 1 and "421" in entry.recipients[0].diagnostic
+    world.net.greeting = "220 relay.test ESMTP"
+    world.run(300)
+    assert len(world.net.messages) == 1
+
+
+def test_data_refused_after_the_dot_bounces_every_recipient(world):
+    world.net.data_reply = lambda tx: "554 5.7.1 content rejected"
+    world.accept(relay=("x@remote.test", "y@remote.test"))
+    world.run()
+    [bounce] = world.maildir("john@example.com")
+    _, _, _, rcpts = parse_report(bounce.read_bytes())
+    assert [r["Final-Recipient"] for r in rcpts] == ["rfc822; x@remote.test", "rfc822; y@remote.test"]
+    assert world.active() == []
