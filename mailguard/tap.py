@@ -75,6 +75,6 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    for problem in options.warnings:
+    for problem in getattr(options, "warnings", ()):
         log.warn("configuration: {problem}", problem=str(problem))
     return build_service(options.config, dict(options), reactor, options.tables)
