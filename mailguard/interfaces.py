@@ -1,7 +1,7 @@
 """The seams of mailguard: interfaces only.
 
 The ESMTP protocol (``mailguard.smtpd.protocol``) holds no policy of its own: it
-gathers facts about the session (``mailguard.policy.decide.Session``) and asks the
+gathers facts about the session (``mailguard.policy.session.Session``) and asks the
 objects below.  Each has a real implementation and, where useful, an
 in-memory fake in ``mailguard.testing``; ``tests/unit/test_interfaces.py`` runs
 ``verifyObject`` on every one of them.
@@ -65,7 +65,7 @@ class ITrustPolicy(Interface):
     """SPEC "Trust": relay IP group, or SMTP AUTH."""
 
     def is_trusted(session):
-        """True if C{session} (a L{mailguard.policy.decide.Session}) is trusted."""
+        """True if C{session} (a L{mailguard.policy.session.Session}) is trusted."""
 
 
 class IRecipientPolicy(Interface):
@@ -74,7 +74,7 @@ class IRecipientPolicy(Interface):
     def check_recipient(session, recipient):
         """Decide one recipient.
 
-        @param session: L{mailguard.policy.decide.Session}
+        @param session: L{mailguard.policy.session.Session}
         @param recipient: L{mailguard.policy.addresses.Mailbox}
         @return: a Deferred firing with a L{mailguard.policy.decide.RecipientVerdict}.
         """
@@ -105,6 +105,10 @@ class IGreetingPolicy(Interface):
 
     def decide(session):
         """A L{mailguard.policy.greeting.GreetingDecision} for a new connection."""
+
+    def is_exception(session):
+        """True if the client is in the exceptions IP group (greeted at
+        once, and exempt from the per-IP connection limit)."""
 
     def passed(session):
         """The client of C{session} waited out the delay and completed a

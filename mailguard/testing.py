@@ -9,14 +9,19 @@ order of L{mailguard.interfaces}.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Iterator, Mapping
 
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from mailguard.policy.directory import Lookup, LookupStatus, normalise_domain, split_address
 from mailguard.interfaces import IUserDirectory
 
-__all__ = ["FakeUserDirectory", "connect", "make_context"]
+__all__ = ["ClientSession", "FakeUserDirectory", "LogCapture", "TLSStringTransport", "b64", "connect",
+           "make_context"]
 
 
 # --- IUserDirectory -------------------------------------------------------
@@ -140,22 +145,119 @@ def make_context(config=None, *, clock=None, spool=None, tables=None, gateway=No
     return ServerContext(**fields)
 
 
-def connect(context, client_ip="127.0.0.3", client_port=40000, listener="smtp"):
-    """A protocol connected to a C{StringTransport} from C{client_ip}:
-    returns C{(protocol, transport)}.  C{transport.value()} holds what the
-    server wrote; C{transport.clear()} forgets it."""
-    from twisted.internet.address import IPv4Address, IPv6Address
-    from twisted.internet.testing import StringTransport
+# --- one client session, driven over a StringTransport ---------------------------
 
-    from mailguard.smtpd.factory import MailguardFactory
 
-    factory = MailguardFactory(context, listener)
-    address_type = IPv6Address if ":" in client_ip else IPv4Address
-    transport = StringTransport(peerAddress=address_type("TCP", client_ip, client_port),
-                                hostAddress=address_type("TCP", client_ip, 25))
-    proto = factory.buildProtocol(transport.getPeer())
-    proto.makeConnection(transport)
-    return proto, transport
+class TLSStringTransport(StringTransport):
+    """A StringTransport that can "start TLS": it records the call and the
+    bytes written before it, so a test can tell plaintext from TLS.  (It
+    does not claim C{ITLSTransport}: it has none of ITCPTransport's knobs.)"""
+
+    tls_context = None
+    before_tls = b""
+
+    def startTLS(self, contextFactory, normal=True):
+        self.before_tls = self.value()
+        self.clear()
+        self.tls_context = contextFactory
+
+
+class ClientSession:
+    """One client's connection to a real L{MailguardESMTP}, over a
+    L{TLSStringTransport}, time on the context's clock.
+
+    C{proto} and C{transport} are there for tests that drive the protocol
+    directly; a session also unpacks as C{(proto, transport)}.  Nothing
+    the server wrote is forgotten until L{take} takes it (the greeting
+    included).
+    """
+
+    def __init__(self, context, client_ip: str = "127.0.0.3", client_port: int = 40000,
+                 listener: str = "smtp", transport_class=TLSStringTransport) -> None:
+        from mailguard.smtpd.factory import MailguardFactory
+
+        self.context = context
+        self.factory = MailguardFactory(context, listener)
+        address_type = IPv6Address if ":" in client_ip else IPv4Address
+        self.transport = transport_class(peerAddress=address_type("TCP", client_ip, client_port),
+                                         hostAddress=address_type("TCP", client_ip, 25))
+        self.proto = self.factory.buildProtocol(self.transport.getPeer())
+        self.proto.makeConnection(self.transport)
+
+    def __iter__(self):
+        return iter((self.proto, self.transport))
+
+    def send(self, data: bytes | str) -> bytes:
+        """Feed bytes; return (and take) what the server wrote."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.proto.dataReceived(data)
+        return self.take()
+
+    def cmd(self, line: str) -> bytes:
+        return self.send(line + "\r\n")
+
+    def take(self) -> bytes:
+        """What the server wrote since the last take."""
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    @staticmethod
+    def codes(out: bytes) -> list[str]:
+        """The code (with enhanced code) of every final reply line in C{out}."""
+        return [" ".join(line.split(" ")[:2]) for line in out.decode().split("\r\n")
+                if line[:3].isdigit() and line[3:4] == " "]
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def lose(self, reason=None) -> None:
+        """The connection is gone (StringTransport never says so itself)."""
+        self.proto.connectionLost(reason)
+
+
+def connect(context, client_ip: str = "127.0.0.3", client_port: int = 40000,
+            listener: str = "smtp", **kw) -> ClientSession:
+    """A L{ClientSession} from C{client_ip} to C{listener}: connected,
+    greeted or held as the policies decide."""
+    return ClientSession(context, client_ip, client_port, listener, **kw)
+
+
+def b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data).decode("ascii")
+
+
+class LogCapture:
+    """Every twisted.logger event while active, raw and formatted."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+
+    def __enter__(self) -> "LogCapture":
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def text(self) -> str:
+        """Everything an observer could write: formatted messages, every
+        field's repr, and any failure's traceback."""
+        out = []
+        for e in self.events:
+            out.append(formatEvent(e) or "")
+            out.append(repr(e))
+            f = e.get("log_failure")
+            if f is not None:
+                out.append(f.getTraceback())
+        return "\n".join(out)
 
 
 # --- the store, opened (as mailguard.service opens it at start-up) -----------
@@ -177,7 +279,6 @@ import re  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 from twisted.internet import defer  # noqa: E402
-from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.error import ConnectionRefusedError  # noqa: E402
 from twisted.internet.interfaces import IStreamClientEndpoint  # noqa: E402
 from twisted.protocols.basic import LineReceiver  # noqa: E402

@@ -55,6 +55,7 @@ __all__ = [
     "hidden_destination",
     "parse_mail_from",
     "parse_path",
+    "parse_etrn_argument",
     "parse_rcpt_to",
     "parse_vrfy_argument",
 ]
@@ -442,3 +443,18 @@ def _is_one_quoted_string(s: str) -> bool:
     except AddressError:
         return False
     return end == len(s)
+
+
+def parse_etrn_argument(text: str) -> str | None:
+    """The node an ETRN argument names (RFC 1985): ``domain`` itself,
+    ``@domain`` (it and its subdomains), or ``#queue`` -> None (the one
+    queue there is: all of it).  ValueError for anything else."""
+    from mailguard.config.values import parse_hostname
+
+    target = text.strip()
+    if target.startswith("#"):
+        if len(target) < 2 or " " in target:
+            raise ValueError(f"bad queue name {target!r}")
+        return None
+    at = "@" if target.startswith("@") else ""
+    return at + parse_hostname(target[len(at):])

@@ -16,8 +16,8 @@ Decisions taken here (the README repeats them for administrators):
   RelayControlAuthEnabled=0 an authenticated user is *not* trusted: it may
   not relay and VRFY tells it nothing, exactly like an anonymous client.
   The sender (null, or in a local domain) and the HELO name never matter.
-  An IPv4-mapped IPv6 client address (``::ffff:192.0.2.1``) is checked as
-  the IPv4 address it is.
+  The client address arrives normalised in the L{Session} facts
+  (``::ffff:192.0.2.1`` is ``192.0.2.1``; see L{mailguard.policy.session}).
 - **Hidden destinations** (``user%other@local``, ``"user@other"@local``,
   ``other!user@local``...; see L{mailguard.policy.addresses.hidden_destination})
   are refused before anything else, for trusted clients too: in a local
@@ -38,7 +38,8 @@ Decisions taken here (the README repeats them for administrators):
   link-local, multicast or reserved addresses, which nobody may use.
 - **VRFY.** Disabled: ``502 5.5.1`` for everything.  An empty or
   unparseable argument: ``501 5.5.4`` for everyone; that depends on the
-  syntax only and reveals nothing about users.  Untrusted: ``252 2.1.5``,
+  syntax only and reveals nothing about users (both decided by
+  L{mailguard.policy.rules.vrfy_refusal}, which the session asks first).  Untrusted: ``252 2.1.5``,
   byte for byte the same for every well-formed argument, and the directory
   is not consulted.  Trusted: ``250 2.1.5 <user@domain>`` for a known
   address; ``550 5.1.1`` for unknown, non-local and *disabled* accounts (a
@@ -66,32 +67,16 @@ from mailguard.policy.addresses import (
     parse_vrfy_argument,
 )
 from mailguard.interfaces import IRecipientPolicy, ITrustPolicy, IVrfyPolicy
+from mailguard.policy.rules import vrfy_refusal
+from mailguard.policy.session import Session
 from mailguard.replies import Reply
 
 __all__ = [
-    "Session",
     "RecipientVerdict",
     "TrustPolicy",
     "RecipientPolicy",
     "VrfyPolicy",
 ]
-
-
-@dataclass(frozen=True)
-class Session:
-    """The facts about one SMTP connection that policies decide on.
-
-    Evolve it with ``dataclasses.replace`` (after HELO, STARTTLS, AUTH).
-    ``client_ip`` is the address the PROXY header carries behind a load
-    balancer.
-    """
-
-    client_ip: str
-    client_port: int
-    listener: str  # "smtp", "smtps" or "submission"
-    tls: bool = False
-    authenticated: str | None = None  # the canonical user, after AUTH
-    helo: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,16 +166,6 @@ def _unroutable_literal(mailbox: Mailbox) -> bool:
     return ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast or ip.is_reserved
 
 
-def _normalize_ip(text: str) -> str | None:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
-
-
 # --- trust --------------------------------------------------------------------------
 
 @implementer(ITrustPolicy)
@@ -213,8 +188,7 @@ class TrustPolicy:
     def why_trusted(self, session: Session) -> str | None:
         """``"relay-group"``, ``"auth"`` or None: the reason, for the log."""
         if self.relay_group_enabled and self.relay_group:
-            ip = _normalize_ip(session.client_ip)
-            if ip is not None and self.ip_groups.contains(self.relay_group, ip):
+            if session.client_ip and self.ip_groups.contains(self.relay_group, session.client_ip):
                 return "relay-group"
         if self.auth_enabled and session.authenticated:
             return "auth"
@@ -348,11 +322,11 @@ class VrfyPolicy:
         return defer.maybeDeferred(self._answer, session, argument)
 
     def _answer(self, session: Session, argument) -> Reply:
-        if not self.enabled:
-            return replies.VRFY_DISABLED
+        refused = vrfy_refusal(self.enabled, argument)
+        if refused is not None:
+            return refused.reply
         target = parse_vrfy_argument(argument)
-        if target is None:
-            return replies.SYNTAX_ERROR
+        assert target is not None
         if not self.trust.is_trusted(session):
             return replies.VRFY_WITHHELD
         try:
@@ -394,30 +368,3 @@ class VrfyPolicy:
 
 def _vrfy_known(address: str) -> Reply:
     return replies.VRFY_KNOWN.with_text(replies.VRFY_KNOWN.text.format(address=address))
-
-
-# --- session rules (plain functions: no state of their own) -------------------
-
-
-def auth_mechanisms(session: Session, passwords) -> list[str]:
-    """The SASL mechanisms to offer now.  PLAIN and LOGIN send the password
-    itself, so only under TLS (STARTTLS done, or the smtps listener);
-    CRAM-MD5 needs the plain-text password on our side, so only where some
-    enabled user has one.  None at all without a password checker."""
-    if passwords is None:
-        return []
-    mechs = []
-    if passwords.has_plaintext_passwords():
-        mechs.append("CRAM-MD5")
-    if session.tls:
-        mechs += ["PLAIN", "LOGIN"]
-    return mechs
-
-
-def mail_refusal(session: Session) -> Reply | None:
-    """Why MAIL may not start a transaction, or None.  The submission
-    listener (RFC 6409) takes mail only from authenticated users."""
-    if session.listener == "submission" and not session.authenticated:
-        return replies.AUTH_REQUIRED
-    return None
-

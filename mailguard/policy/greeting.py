@@ -78,6 +78,12 @@ class GreetingPolicy:
         self.teaser = teaser
         self.pass_cache = pass_cache
 
+    def is_exception(self, session) -> bool:
+        """The client is in ``SmtpGreetingDelayExceptions``: greeted at
+        once, and not held to the per-IP connection limit either (see
+        L{mailguard.policy.rules.connection_limit_exempt})."""
+        return bool(self.exceptions_group) and self.ip_groups.contains(self.exceptions_group, session.client_ip)
+
     def _exempt(self, session) -> GreetingDecision | None:
         """The reason C{session} is greeted at once without the pass
         cache, or None if the delay applies to it."""
@@ -85,7 +91,7 @@ class GreetingPolicy:
             return GREET_NOW
         if session.listener != "smtp":
             return GreetingDecision(0.0, False, f"{session.listener} listener is never delayed")
-        if self.exceptions_group and self.ip_groups.contains(self.exceptions_group, session.client_ip):
+        if self.is_exception(session):
             return GreetingDecision(0.0, False, "in the exceptions IP group")
         return None
 

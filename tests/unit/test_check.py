@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import EXAMPLE, ROOT, write_config
+
+pytestmark = pytest.mark.e2e  # every test runs `python -m mailguard check` in a process
 
 
 def _check(*args: str) -> subprocess.CompletedProcess:

@@ -25,12 +25,14 @@ def test_plugin_is_discovered():
     assert "mailguard" in names
 
 
+@pytest.mark.e2e
 def test_twistd_help_lists_mailguard():
     out = _twistd("--help")
     assert out.returncode == 0
     assert "mailguard" in out.stdout
 
 
+@pytest.mark.e2e
 def test_mailguard_help_documents_every_option():
     out = _twistd("-n", "mailguard", "--help")
     assert out.returncode == 0, out.stderr
@@ -63,6 +65,7 @@ def test_bad_config_is_a_usage_error_with_file_line(tmp_path):
     assert "MaxMessageSize" in str(e.value)
 
 
+@pytest.mark.e2e
 def test_bad_config_twistd_exits_nonzero_without_traceback(tmp_path):
     cfg = write_config(tmp_path / "mailserver.cfg", {"VRFYEnabled": "yes"})
     out = _twistd("-n", "mailguard", "--config", str(cfg))

@@ -151,3 +151,35 @@ def test_result_of():
     assert result_of(defer.fail(ValueError("x"))).check(ValueError)
     with pytest.raises(AssertionError, match="not fired"):
         result_of(defer.Deferred())
+
+
+# --- the session driver ------------------------------------------------------
+
+
+def test_the_session_driver_drives_a_real_session(tmp_path):
+    from mailguard.smtpd.protocol import MailguardESMTP
+    from mailguard.testing import LogCapture, TLSStringTransport, b64, connect, make_context
+
+    import dataclasses
+
+    from mailguard.config import settings
+
+    config = dataclasses.replace(settings.load(None), greeting_delay=0.0)
+    ctx = make_context(config, spool=str(tmp_path), tls=object())
+    s = connect(ctx, "::ffff:127.0.0.3", 4321, listener="smtp")
+    proto, transport = s  # unpacks for tests that drive the protocol directly
+    assert isinstance(proto, MailguardESMTP) and proto.session.client_ip == "127.0.0.3"
+    assert isinstance(transport, TLSStringTransport)
+    assert s.take().startswith(b"220 ") and s.take() == b""
+    with LogCapture() as logs:
+        assert s.codes(s.send("EHLO c\r\nNOOP\r\n")) == ["250 HELP", "250 2.0.0"]
+        assert s.send("STARTTLS\r\nNOOP\r\n") == b""  # the 220 went out before TLS
+    assert transport.before_tls == b"220 2.0.0 Ready to start TLS\r\n" and transport.tls_context is ctx.tls
+    assert s.codes(s.cmd("EHLO c")) == ["250 HELP"]
+    assert s.codes(s.cmd("AUTH PLAIN " + b64("\0john@example.com\0nope")) + s.cmd("QUIT")) == []
+    assert not s.closed  # the failed AUTH is answered after a delay
+    ctx.clock.advance(1)
+    assert s.codes(s.take()) == ["535 5.7.8", "221 2.0.0"] and s.closed
+    s.lose()
+    assert ctx.clock.getDelayedCalls() == [] and ctx.connections.total == 0
+    assert "discarded 6 bytes pipelined after STARTTLS from 127.0.0.3" in logs.text()

@@ -14,6 +14,7 @@ from mailguard.policy.addresses import (
     parse_mail_from,
     parse_path,
     parse_rcpt_to,
+    parse_etrn_argument,
     parse_vrfy_argument,
 )
 
@@ -498,3 +499,21 @@ def test_round_trip_quoted(content, domain):
     assert mailbox.local == content
     assert parse_path(f"<{mailbox.address}>", allow_null=False) == mailbox
     assert mailbox.quoted is (content != mailbox.wire_local)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("example.com", "example.com"),
+    (" @Example.COM ", "@example.com"),
+    ("#queue", None),
+    ("#", ValueError),
+    ("#two words", ValueError),
+    ("", ValueError),
+    ("exa mple.com", ValueError),
+    ("@", ValueError),
+])
+def test_parse_etrn_argument(text, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            parse_etrn_argument(text)
+    else:
+        assert parse_etrn_argument(text) == expected

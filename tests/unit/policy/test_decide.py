@@ -21,7 +21,8 @@ from zope.interface.verify import verifyObject
 from mailguard import replies
 from mailguard.policy.addresses import AddressError, Mailbox, hidden_destination, parse_path, parse_rcpt_to
 from mailguard.interfaces import IIPGroups, IRecipientPolicy, ITrustPolicy, IUserDirectory, IVrfyPolicy
-from mailguard.policy.decide import RecipientPolicy, RecipientVerdict, Session, TrustPolicy, VrfyPolicy
+from mailguard.policy.decide import RecipientPolicy, RecipientVerdict, TrustPolicy, VrfyPolicy
+from mailguard.policy.session import Session
 from mailguard.testing import result_of
 
 try:
@@ -188,16 +189,7 @@ def test_verify_objects():
     assert verifyObject(IIPGroups, GROUPS)
 
 
-# --- Session and RecipientVerdict ------------------------------------------------------
-
-def test_session_is_frozen_and_evolves_with_replace():
-    s = Session("192.0.2.9", 25, "smtp")
-    assert (s.tls, s.authenticated, s.helo) == (False, None, None)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        s.tls = True  # type: ignore[misc]
-    t = dataclasses.replace(s, tls=True, helo="client.test")
-    assert (t.tls, t.helo, s.tls) == (True, "client.test", False)
-
+# --- RecipientVerdict ------------------------------------------------------
 
 def test_verdict_invariants():
     v = RecipientVerdict(replies.RECIPIENT_OK, "r", relay=True, address="u@x.test")
@@ -765,41 +757,3 @@ def test_untrusted_never_relays(text):
 def test_untrusted_vrfy_reveals_nothing(text):
     reply = result_of(VrfyPolicy(True, ExplodingDirectory(), trust()).answer(UNTRUSTED, text))
     assert reply in (replies.VRFY_WITHHELD, replies.SYNTAX_ERROR)
-
-
-# --- session rules -------------------------------------------------------------
-
-class _Passwords:
-    def __init__(self, plaintext: bool):
-        self.plaintext = plaintext
-
-    def has_plaintext_passwords(self) -> bool:
-        return self.plaintext
-
-
-@pytest.mark.parametrize("listener, tls, plaintext, expected", [
-    ("smtp", False, False, []),
-    ("smtp", False, True, ["CRAM-MD5"]),
-    ("smtp", True, False, ["PLAIN", "LOGIN"]),
-    ("smtp", True, True, ["CRAM-MD5", "PLAIN", "LOGIN"]),
-    ("smtps", True, True, ["CRAM-MD5", "PLAIN", "LOGIN"]),
-    ("submission", False, True, ["CRAM-MD5"]),
-])
-def test_auth_mechanisms(listener, tls, plaintext, expected):
-    from mailguard.policy.decide import auth_mechanisms
-
-    session = Session("127.0.0.3", 1, listener, tls=tls)
-    assert auth_mechanisms(session, _Passwords(plaintext)) == expected
-    assert auth_mechanisms(session, None) == []
-
-
-@pytest.mark.parametrize("listener, authenticated, expected", [
-    ("smtp", None, None),
-    ("smtps", None, None),
-    ("submission", None, replies.AUTH_REQUIRED),
-    ("submission", "john@example.com", None),
-])
-def test_mail_refusal(listener, authenticated, expected):
-    from mailguard.policy.decide import mail_refusal
-
-    assert mail_refusal(Session("127.0.0.3", 1, listener, authenticated=authenticated)) == expected

@@ -22,20 +22,13 @@ from zope.interface import implementer
 
 from mailguard import replies as R
 from mailguard.interfaces import IPasswordChecker
-from mailguard.smtpd.protocol import AUTH_FAILURE_LIMIT
+from mailguard.smtpd.extensions import AUTH_FAILURE_LIMIT
 from mailguard.policy.passwords import make_sha_password
 from mailguard.tap import Options
 from tests.certs import make_certs
 from tests.conftest import free_port, wait_for_port
-from tests.helpers_context import (
-    USERS,
-    LogCapture,
-    b64,
-    connect,
-    make_context,
-    maildir_messages,
-    write_config,
-)
+from mailguard.testing import LogCapture, b64, connect
+from tests.helpers_context import USERS, maildir_messages, make_context, write_config
 
 TLS = object()  # stand-in TLS context: TLSStringTransport only records it
 JOHN = "john@example.com"
@@ -54,7 +47,8 @@ def ctx(tmp_path):
 
 def tls_session(ctx, listener="smtp", ip="127.0.0.3"):
     """A session after EHLO, STARTTLS, EHLO: plain-text mechanisms offered."""
-    s, _ = connect(ctx, listener, ip)
+    s = connect(ctx, listener=listener, client_ip=ip)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     assert s.codes(s.cmd("STARTTLS")) == []  # the 220 went out before TLS
     assert s.transport.before_tls.startswith(b"220 2.0.0")
@@ -87,13 +81,15 @@ def assert_failed_after_delay(s, ctx, seconds: float, out: bytes = b""):
 
 
 def test_plaintext_mechanisms_not_offered_before_tls(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     out = s.cmd("EHLO client.test")
     assert b"250-AUTH CRAM-MD5\r\n" in out
 
 
 def test_plain_and_login_refused_before_tls(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == [code(R.AUTH_NEEDS_TLS)] == ["538 5.7.11"]
     assert s.codes(s.cmd("AUTH LOGIN")) == ["538 5.7.11"]
@@ -103,7 +99,8 @@ def test_plain_and_login_refused_before_tls(ctx):
 def test_cram_md5_not_offered_without_plaintext_passwords(tmp_path):
     sha_only = [(n, d, p if p.startswith("SHA:") else make_sha_password(p), e) for n, d, p, e in USERS]
     ctx = make_context(tmp_path, users=sha_only, tls=TLS)
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     out = s.cmd("EHLO client.test")
     assert b"AUTH" not in out
     assert s.codes(s.cmd("AUTH CRAM-MD5")) == ["504 5.5.4"]
@@ -112,7 +109,8 @@ def test_cram_md5_not_offered_without_plaintext_passwords(tmp_path):
 
 
 def test_smtps_offers_plaintext_mechanisms_at_once(ctx):
-    s, _ = connect(ctx, "smtps")
+    s = connect(ctx, listener="smtps")
+    s.take()  # the greeting
     assert b"250-AUTH CRAM-MD5 PLAIN LOGIN\r\n" in s.cmd("EHLO client.test")
     assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == ["235 2.7.0"]
 
@@ -187,7 +185,8 @@ def test_disabled_user_cannot_log_in(ctx):
 
 
 def test_disabled_user_cannot_use_cram_md5(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     challenge = s.cmd("AUTH CRAM-MD5")
     assert_failed_after_delay(s, ctx, 1, s.cmd(cram_response(challenge, "former@example.com", "former-secret")))
@@ -202,7 +201,7 @@ def test_unknown_user_fails(ctx):
 def test_plain_malformed(ctx, payload):
     s = tls_session(ctx)
     assert s.codes(s.cmd("AUTH PLAIN " + payload)) == ["501 5.5.4"]
-    assert s.proto.mode == "COMMAND"
+    assert s.proto.smtp.mode == "COMMAND"
     assert s.codes(s.cmd("NOOP")) == ["250 2.0.0"]
 
 
@@ -263,7 +262,8 @@ def test_login_malformed_base64(ctx):
 
 
 def test_cram_md5_success_without_tls(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     challenge = s.cmd("AUTH CRAM-MD5")
     nonce = base64.b64decode(challenge[4:].strip())
@@ -273,7 +273,8 @@ def test_cram_md5_success_without_tls(ctx):
 
 
 def test_cram_md5_challenges_differ(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     first = s.cmd("AUTH CRAM-MD5")
     s.cmd("*")
@@ -281,32 +282,37 @@ def test_cram_md5_challenges_differ(ctx):
 
 
 def test_cram_md5_wrong_password(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     challenge = s.cmd("AUTH CRAM-MD5")
     assert_failed_after_delay(s, ctx, 1, s.cmd(cram_response(challenge, JOHN, "jane-secret")))
 
 
 def test_cram_md5_replayed_response_fails(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     old = cram_response(s.cmd("AUTH CRAM-MD5"), JOHN, "john-secret")
     s.cmd(old)
-    s2, _ = connect(ctx)
+    s2 = connect(ctx)
+    s2.take()  # the greeting
     s2.cmd("EHLO client.test")
     s2.cmd("AUTH CRAM-MD5")
     assert_failed_after_delay(s2, ctx, 1, s2.cmd(old))
 
 
 def test_cram_md5_sha_user_cannot_use_it(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     challenge = s.cmd("AUTH CRAM-MD5")
     assert_failed_after_delay(s, ctx, 1, s.cmd(cram_response(challenge, "sam@example.com", "sam-secret")))
 
 
 def test_cram_md5_abort_and_malformed(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     s.cmd("AUTH CRAM-MD5")
     assert s.codes(s.cmd("*")) == ["501 5.0.0"]
@@ -318,7 +324,8 @@ def test_cram_md5_abort_and_malformed(ctx):
 
 
 def test_auth_sequence_errors(ctx):
-    s, _ = connect(ctx, "smtps")
+    s = connect(ctx, listener="smtps")
+    s.take()  # the greeting
     assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == ["503 5.5.1"]  # before EHLO
     s.cmd("EHLO client.test")
     assert s.codes(s.cmd("AUTH")) == ["501 5.5.4"]
@@ -349,7 +356,7 @@ def test_auth_response_over_12288_octets_cancels_the_exchange(ctx):
     out += s.send("A" * 7000)
     out += s.send("\r\nNOOP\r\n")
     assert s.codes(out) == ["500 5.5.2", "250 2.0.0"]
-    assert s.proto.mode == "COMMAND"
+    assert s.proto.smtp.mode == "COMMAND"
 
 
 def test_commands_pipelined_behind_auth_wait_for_its_answer(ctx):
@@ -469,7 +476,8 @@ def test_submission_requires_auth_before_mail(ctx):
 
 
 def test_submission_with_cram_md5_without_tls(ctx):
-    s, _ = connect(ctx, "submission")
+    s = connect(ctx, listener="submission")
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     assert s.codes(s.cmd("MAIL FROM:<>")) == ["530 5.7.0"]
     challenge = s.cmd("AUTH CRAM-MD5")
@@ -500,7 +508,8 @@ def test_received_header_marks_authenticated_sessions(ctx):
     s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))
     s.send("MAIL FROM:<john@example.com>\r\nRCPT TO:<jane@example.com>\r\nDATA\r\nhi\r\n.\r\n")
     assert b" with ESMTPSA id " in maildir_messages(ctx, "jane@example.com")[0]
-    s2, _ = connect(ctx)
+    s2 = connect(ctx)
+    s2.take()  # the greeting
     s2.cmd("EHLO client.test")
     s2.cmd(cram_response(s2.cmd("AUTH CRAM-MD5"), JOHN, "john-secret"))
     s2.send("MAIL FROM:<john@example.com>\r\nRCPT TO:<jane@example.com>\r\nDATA\r\nhi\r\n.\r\n")
@@ -512,7 +521,8 @@ def test_received_header_marks_authenticated_sessions(ctx):
 
 
 def test_starttls_forgets_authentication(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     s.cmd(cram_response(s.cmd("AUTH CRAM-MD5"), JOHN, "john-secret"))
     assert s.proto.session.authenticated == JOHN

@@ -21,7 +21,7 @@ from mailguard import replies as R
 from mailguard.config.settings import load
 from mailguard.policy.build import build_tables
 from mailguard.policy.greeting import GREET_NOW, GreetingPolicy, PassCache
-from mailguard.policy.decide import Session
+from mailguard.policy.session import Session
 from mailguard.testing import connect, make_context
 from tests.conftest import write_config
 
@@ -107,11 +107,17 @@ def test_after_the_delay_the_session_is_ordinary_smtp(server):
 
 
 def test_a_held_connection_keeps_nothing_but_its_call(server):
-    """Class-level defaults: while held, the instance holds only the
-    factory, the transport, its session and the hold."""
+    """Immutable class-level defaults: while held, the instance holds only
+    the factory, the transport, its facts and the hold -- no state machine
+    yet, and nothing mutable shared by every instance."""
     ctx = server()
     proto, _ = connect(ctx, "127.0.0.3", 5555)
-    assert set(vars(proto)) <= {"factory", "transport", "connected", "session", "_hold", "_held_since"}
+    assert set(vars(proto)) <= {"factory", "transport", "connected", "opened", "_hold", "_held_since"}
+    assert proto.smtp is None
+    for cls in type(proto).__mro__:
+        for name, value in vars(cls).items():
+            if not name.startswith("__"):
+                assert not isinstance(value, (list, dict, set, bytearray)), (cls, name)
 
 
 # --- early talkers ------------------------------------------------------------
@@ -290,6 +296,20 @@ def test_decision_table(base_config, listener, ip, delay, expected):
         assert decision is GREET_NOW
 
 
+@pytest.mark.parametrize("group, ip, exception", [
+    ("NoDelay", "127.0.0.4", True),
+    ("NoDelay", "::ffff:127.0.0.4", True),  # the facts normalise the address
+    ("NoDelay", "127.0.0.2", False),
+    ("", "127.0.0.4", False),
+])
+def test_exception_group_is_one_definition(base_config, group, ip, exception):
+    """What greets at once is what the per-IP connection limit exempts
+    (with trust; see tests/unit/policy/test_rules.py), whatever the delay."""
+    for delay in (0.0, 25.0):
+        policy = GreetingPolicy(delay, build_tables(base_config)[0].ip_groups, group)
+        assert policy.is_exception(Session(ip, 1, "smtp")) is exception
+
+
 # --- the teaser -----------------------------------------------------------------
 
 def test_teaser_sends_the_first_line_at_once_and_the_last_after_the_delay(server):
@@ -454,16 +474,16 @@ def test_total_limit_applies_to_exempt_clients_too(server):
 def test_per_ip_connection_limit(server):
     ctx = server(max_connections_per_ip=2)
     conns = [connect(ctx, "127.0.0.3", p) for p in (1, 2, 3)]
-    assert conns[2][1].value() == R.TOO_MANY_FROM_IP.to_bytes()
-    assert conns[2][1].value().startswith(b"421 4.7.0 ")
-    assert conns[2][1].disconnecting
+    assert conns[2].transport.value() == R.TOO_MANY_FROM_IP.to_bytes()
+    assert conns[2].transport.value().startswith(b"421 4.7.0 ")
+    assert conns[2].transport.disconnecting
     _, other = connect(ctx, "127.0.0.5", 4)
     assert other.value() == b"" and not other.disconnecting
     assert ctx.connections.per_ip == {"127.0.0.3": 2, "127.0.0.5": 1}
-    hang_up(conns[2][0])
+    hang_up(conns[2].proto)
     assert ctx.connections.per_ip["127.0.0.3"] == 2
     assert [line[1:4] for line in log_lines(ctx)] == [["too-many-from-ip", "127.0.0.3", "3"]]
-    hang_up(conns[0][0])
+    hang_up(conns[0].proto)
     _, again = connect(ctx, "127.0.0.3", 5)
     assert not again.disconnecting
 
@@ -471,13 +491,13 @@ def test_per_ip_connection_limit(server):
 @pytest.mark.parametrize("ip", ["127.0.0.2", "127.0.0.4"])  # relay group, exception group
 def test_per_ip_limit_exempts_trusted_and_exception_groups(server, ip):
     ctx = server(max_connections_per_ip=1)
-    transports = [connect(ctx, ip, p)[1] for p in (1, 2, 3)]
+    transports = [connect(ctx, ip, p).transport for p in (1, 2, 3)]
     assert not any(t.disconnecting for t in transports)
 
 
 def test_zero_limits_mean_no_limit(server):
     ctx = server(max_connections=0, max_connections_per_ip=0)
-    transports = [connect(ctx, "127.0.0.3", p)[1] for p in range(100)]
+    transports = [connect(ctx, "127.0.0.3", p).transport for p in range(100)]
     assert not any(t.disconnecting for t in transports)
     assert ctx.connections.total == 100
 

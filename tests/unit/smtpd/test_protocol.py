@@ -3,7 +3,8 @@ framing and limits, DATA (dot-stuffing, smuggling, size), pipelining order,
 error budgets and STARTTLS resets.
 
 Sessions run over a StringTransport with a task.Clock against a real
-context (``tests/helpers_context.py``); AUTH and real-socket TLS are in
+context (``tests/helpers_context.py``), driven by
+``mailguard.testing.connect``; AUTH and real-socket TLS are in
 ``tests/unit/smtpd/test_auth_tls.py``.  One named test per attack, as aiosmtpd does
 (``test_smtpsmuggling.py``, ``test_starttls.py``).
 """
@@ -24,13 +25,8 @@ from zope.interface import implementer
 from mailguard import replies as R
 from mailguard.interfaces import IRecipientPolicy
 from mailguard.policy.decide import RecipientVerdict
-from tests.helpers_context import (
-    LogCapture,
-    body_of,
-    connect,
-    make_context,
-    maildir_messages,
-)
+from mailguard.testing import LogCapture, connect
+from tests.helpers_context import body_of, maildir_messages, make_context
 
 JOHN = "john@example.com"
 SENTINEL_TLS = object()  # a stand-in TLS context: the fake transport only records it
@@ -46,7 +42,8 @@ def ctx(tmp_path):
 
 
 def ehlo(ctx, ip="127.0.0.3", listener="smtp", name="client.test"):
-    s, greeting = connect(ctx, listener, ip)
+    s = connect(ctx, listener=listener, client_ip=ip)
+    greeting = s.take()
     assert greeting.startswith(b"220 ")
     out = s.cmd(f"EHLO {name}")
     assert out.startswith(b"250-") or out.startswith(b"250 ")
@@ -68,7 +65,8 @@ def ext_lines(out: bytes) -> list[str]:
 
 
 def test_ehlo_lists_the_seed_extensions_in_order(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     out = s.cmd("EHLO client.test")
     assert out.split(b"\r\n")[0] == b"250-mx.example.com"  # no enhanced code on the first line
     # No TLS configured: no STARTTLS, and no plain-text AUTH mechanism.
@@ -78,14 +76,16 @@ def test_ehlo_lists_the_seed_extensions_in_order(ctx):
 
 def test_ehlo_with_tls_offers_starttls(tmp_path):
     ctx = make_context(tmp_path, tls=SENTINEL_TLS)
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     assert ext_lines(s.cmd("EHLO client.test")) == [
         "AUTH CRAM-MD5", "SIZE 20971520", "STARTTLS", "VRFY", "ENHANCEDSTATUSCODES",
         "8BITMIME", "PIPELINING", "HELP"]
 
 
 def test_ehlo_advertises_no_etrn_or_dsn_without_a_queue(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     out = s.cmd("EHLO client.test")
     assert b"ETRN" not in out and b"DSN" not in out
     assert s.codes(s.cmd("ETRN example.com")) == ["502 5.5.1"]
@@ -93,31 +93,36 @@ def test_ehlo_advertises_no_etrn_or_dsn_without_a_queue(ctx):
 
 def test_ehlo_without_vrfy(tmp_path):
     ctx = make_context(tmp_path, {"VRFYEnabled": "0", "MaxMessageSize": "1000"})
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     ext = ext_lines(s.cmd("EHLO client.test"))
     assert "VRFY" not in ext and "SIZE 1000" in ext
 
 
 def test_ehlo_without_password_checker_offers_no_auth(tmp_path):
     ctx = make_context(tmp_path, passwords=False)
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     assert not any(e.startswith("AUTH") for e in ext_lines(s.cmd("EHLO client.test")))
     assert s.codes(s.cmd("AUTH CRAM-MD5")) == ["504 5.5.4"]
 
 
 def test_helo_lists_no_extensions(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     assert s.cmd("HELO client.test") == b"250 mx.example.com\r\n"
 
 
 def test_ehlo_and_helo_need_a_domain(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     assert s.codes(s.cmd("EHLO")) == ["501 5.5.4"]
     assert s.codes(s.cmd("HELO")) == ["501 5.5.4"]
 
 
 def test_help_is_214_and_lists_only_working_commands(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     out = s.cmd("HELP")
     assert out.startswith(b"214 2.0.0 ")
     words = out.decode().split()
@@ -126,7 +131,8 @@ def test_help_is_214_and_lists_only_working_commands(ctx):
 
 
 def test_no_software_name_anywhere(ctx):
-    s, greeting = connect(ctx)
+    s = connect(ctx)
+    greeting = s.take()
     out = greeting + s.cmd("EHLO client.test") + s.cmd("HELP")
     transaction(s)
     out += s.send("Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
@@ -136,7 +142,8 @@ def test_no_software_name_anywhere(ctx):
 
 
 def test_mail_before_helo_refused(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     assert s.codes(s.cmd("MAIL FROM:<a@b.test>")) == ["503 5.5.1"]
 
 
@@ -166,7 +173,8 @@ def test_received_header_esmtp_after_ehlo(ctx):
 
 
 def test_received_header_smtp_after_helo(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("HELO old.client.test")
     transaction(s)
     s.send("hi\r\n.\r\n")
@@ -174,7 +182,8 @@ def test_received_header_smtp_after_helo(ctx):
 
 
 def test_received_header_helo_name_cannot_inject_lines(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     s.cmd("EHLO evil\x01name")
     transaction(s)
     s.send("hi\r\n.\r\n")
@@ -281,7 +290,8 @@ def test_overlong_command_in_pieces_is_discarded_to_its_end(ctx):
 
 
 def test_bare_lf_ends_a_command_line(ctx):
-    s, _ = connect(ctx)
+    s = connect(ctx)
+    s.take()  # the greeting
     assert s.codes(s.send("EHLO client.test\nNOOP\n")) == ["250 HELP", "250 2.0.0"]
 
 
@@ -634,6 +644,21 @@ def test_pipelining_failed_check_is_451_in_order(tmp_path):
     assert s.codes(s.take()) == ["250 2.1.0", "451 4.3.0", "250 2.0.0"]
 
 
+def test_a_verdict_the_session_cannot_take_is_451_in_order(tmp_path):
+    """A policy answering nonsense is an internal error: logged, 451, and
+    the session goes on (no hang waiting for a reply that never comes)."""
+    @implementer(IRecipientPolicy)
+    class Nonsense:
+        def check_recipient(self, session, recipient):
+            return defer.succeed(object())
+
+    s = ehlo(make_context(tmp_path, recipients=Nonsense()))
+    with LogCapture() as logs:
+        out = s.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<one@example.com>\r\nNOOP\r\n")
+    assert s.codes(out) == ["250 2.1.0", "451 4.3.0", "250 2.0.0"]
+    assert "internal error" in logs.text()
+
+
 def test_pipelining_with_real_policy_in_one_packet(ctx):
     s = ehlo(ctx)
     out = s.send(f"MAIL FROM:<a@b.test>\r\nRCPT TO:<nobody@example.com>\r\nRCPT TO:<{JOHN}>\r\n"
@@ -752,7 +777,8 @@ def test_starttls_pipelined_commands_are_not_executed(tctx):
 
 
 def test_starttls_pipelined_ehlo_is_not_kept(tctx):
-    s, _ = connect(tctx)
+    s = connect(tctx)
+    s.take()  # the greeting
     s.cmd("EHLO client.test")
     assert starttls(s, "EHLO injected.test\r\n") == b""
     assert s.codes(s.cmd("MAIL FROM:<a@b.test>")) == ["503 5.5.1"]
@@ -762,7 +788,7 @@ def test_starttls_pipelined_auth_is_not_executed(tctx):
     s = ehlo(tctx)
     assert starttls(s, "AUTH PLAIN AGpvaG4AYm9ndXM=\r\nAUTH PLAIN AGpvaG4Aam9obi1zZWNyZXQ=\r\n") == b""
     assert s.proto.session.authenticated is None
-    assert s.proto.mode == "COMMAND"
+    assert s.proto.smtp.mode == "COMMAND"
 
 
 def test_starttls_pipelined_in_separate_reads_before_the_reply(tctx):
@@ -778,7 +804,7 @@ def test_starttls_pipelined_in_separate_reads_before_the_reply(tctx):
     assert s.transport.tls_context is SENTINEL_TLS
     assert s.codes(s.transport.before_tls) == ["250 2.1.0", "250 2.1.5", "220 2.0.0"]
     assert s.take() == b""
-    assert s.proto._mail_from is None
+    assert s.proto.smtp.transaction is None
 
 
 def test_starttls_resets_the_session(tctx):
@@ -787,7 +813,7 @@ def test_starttls_resets_the_session(tctx):
     starttls(s)
     sess = s.proto.session
     assert (sess.tls, sess.helo, sess.authenticated) == (True, None, None)
-    assert s.proto._mail_from is None and s.proto._recipients == []
+    assert s.proto.smtp.transaction is None  # no sender, no recipients
     out = s.cmd("EHLO client.test")
     ext = ext_lines(out)
     assert "STARTTLS" not in ext  # RFC 3207 4.2
@@ -862,7 +888,7 @@ def test_input_is_not_buffered_without_limit_while_a_check_is_pending(tmp_path):
     assert s.transport.producerState == "paused"
     slow.answer(True)  # the check ends; the junk is discarded as an over-long line
     assert s.transport.producerState == "producing"
-    assert len(s.proto._buffer) <= 4096 * 2
+    assert s.proto.smtp.buffered <= 4096 * 2
 
 
 def test_vrfy_while_disabled_counts_as_an_error(tmp_path):

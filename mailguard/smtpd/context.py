@@ -1,0 +1,158 @@
+"""The context every session shares, and the connection counters.
+
+``ServerContext`` holds what the sessions of all listeners share: the
+configuration, the clock, the policy objects, the message store, the
+security log, the TLS context and the connection counters.  Nothing here
+imports the global reactor: tests pass a ``twisted.internet.task.Clock``.
+It is apart from the factory so that the session state machine can name
+it without importing the protocol.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import CertificateOptions
+
+from mailguard import replies as R
+from mailguard.config.settings import Configuration
+from mailguard.interfaces import (
+    IGreetingPolicy,
+    IMessageStore,
+    IPasswordChecker,
+    IRecipientPolicy,
+    IRelayQueue,
+    ISecurityLog,
+    ITrustPolicy,
+    IVrfyPolicy,
+)
+from mailguard.policy.build import Policies
+from mailguard.policy.rules import connection_limit_exempt
+from mailguard.policy.session import Session
+
+__all__ = ["Connections", "ServerContext"]
+
+
+class Connections:
+    """Counts open sessions, in total and per client IP; refuses past the
+    configured limits with ``421 4.7.0`` (``SmtpMaxConnections``,
+    ``SmtpMaxConnectionsPerIp``; 0 is no limit).
+
+    The total limit applies to everyone: it protects the process (file
+    descriptors, memory).  Who is exempt from the per-IP limit is the
+    policy's decision (L{mailguard.policy.rules.connection_limit_exempt}),
+    asked only when the limit would refuse, so the common path costs a
+    counter increment.
+
+    ``stopping`` is set when the reactor begins to shut down, so that the
+    connections it then closes are not mistaken for clients that gave up
+    waiting for the greeting.
+    """
+
+    def __init__(self, max_total: int, max_per_ip: int,
+                 exempt: Callable[[Session], bool] = lambda session: False,
+                 clock: IReactorTime | None = None) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.exempt = exempt
+        self.total = 0
+        self.per_ip: Counter[str] = Counter()
+        self.sessions: set = set()
+        self.stopping = False
+        self._clock = clock
+
+    def open(self, key, session: Session) -> R.Reply | None:
+        """Count the connection C{key} (its protocol), or the refusal."""
+        if self._clock is not None:
+            self._watch(self._clock)
+        ip = session.client_ip
+        if self.max_total and self.total >= self.max_total:
+            return R.TOO_MANY_CONNECTIONS
+        if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip and not self.exempt(session):
+            return R.TOO_MANY_FROM_IP
+        self.total += 1
+        self.per_ip[ip] += 1
+        self.sessions.add(key)
+        return None
+
+    def close(self, key, session: Session) -> None:
+        if key not in self.sessions:
+            return
+        self.sessions.discard(key)
+        self.total -= 1
+        ip = session.client_ip
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+    def stop(self) -> None:
+        """The server is shutting down (a reactor "before shutdown" trigger)."""
+        self.stopping = True
+
+    def _watch(self, clock) -> None:
+        """At the first connection, not before: a context that never
+        serves adds no trigger to the reactor."""
+        self._clock = None
+        add_trigger = getattr(clock, "addSystemEventTrigger", None)  # not on task.Clock
+        if add_trigger is not None:
+            add_trigger("before", "shutdown", self.stop)
+
+
+def _run_inline(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+@dataclass
+class ServerContext:
+    """What every session of every listener shares.
+
+    C{config} and C{policies} belong together (one configuration and what
+    was built from it); the rest lives as long as the process."""
+
+    config: Configuration
+    clock: IReactorTime
+    policies: Policies
+    store: IMessageStore
+    security_log: ISecurityLog
+    tls: CertificateOptions | None = None  # STARTTLS / smtps, or None
+    queue: IRelayQueue | None = None
+    dsn: bool = False  # advertise and accept DSN parameters
+    run_blocking: Callable[..., defer.Deferred] = _run_inline  # slow work (PBKDF2) off the reactor
+    connections: Connections = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.connections is None:
+            self.connections = Connections(self.config.max_connections, self.config.max_connections_per_ip,
+                                           self._limit_exempt, self.clock)
+
+    def _limit_exempt(self, session: Session) -> bool:
+        return connection_limit_exempt(session, self.greeting, self.trust)
+
+    @property
+    def hostname(self) -> str:
+        return self.config.hostname
+
+    # The policies, by name, as the protocol asks them.
+    @property
+    def greeting(self) -> IGreetingPolicy:
+        return self.policies.greeting
+
+    @property
+    def recipients(self) -> IRecipientPolicy:
+        return self.policies.recipients
+
+    @property
+    def vrfy(self) -> IVrfyPolicy:
+        return self.policies.vrfy
+
+    @property
+    def trust(self) -> ITrustPolicy:
+        return self.policies.trust
+
+    @property
+    def passwords(self) -> IPasswordChecker | None:
+        return self.policies.passwords

@@ -1,0 +1,199 @@
+"""SMTP framing on bytes alone: command lines, and the DATA stream.
+
+Pure: each reader takes the bytes received so far and returns one event
+and the bytes it did not consume; it keeps only the little state framing
+needs between reads (discarding an over-long line; at a line start; the
+size so far).  The session (L{mailguard.smtpd.session}) owns the buffer.
+
+DATA is consumed in bulk, the way ``twisted.mail`` does not: all the whole
+lines received so far are one block, checked for bare CR/LF by comparing
+three C-level counts, unstuffed with one ``bytes.replace`` (no copy at all
+when no line starts with a dot), and checked for over-long lines with one
+``split``: linear, unlike a regular-expression search for a long run,
+which rescans a line from each of its positions.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "AUTH_LINE_MAX",
+    "BARE_LINE_ENDING",
+    "COMMAND_LINE_MAX",
+    "END_OF_DATA",
+    "LINE_TOO_LONG",
+    "MESSAGE_TOO_BIG",
+    "TEXT_LINE_MAX",
+    "TEXT_LINE_TOO_LONG",
+    "CommandReader",
+    "DataReader",
+]
+
+COMMAND_LINE_MAX = 512  # RFC 5321 4.5.3.1.4, CRLF included
+AUTH_LINE_MAX = 12288  # RFC 4954 section 4
+TEXT_LINE_MAX = 1000  # RFC 5321 4.5.3.1.6, CRLF included
+_AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
+_EMPTY = b""
+
+
+class Marker:
+    """A named value that carries nothing, compared by identity: the
+    framing events here, SASL outcomes, the session's signals."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_Event = Marker
+LINE_TOO_LONG = _Event("LINE_TOO_LONG")  # a command line over its limit (reported once)
+END_OF_DATA = _Event("END_OF_DATA")  # the terminating "." line
+BARE_LINE_ENDING = _Event("BARE_LINE_ENDING")  # a CR or LF not in a CRLF pair (smuggling)
+TEXT_LINE_TOO_LONG = _Event("TEXT_LINE_TOO_LONG")  # a DATA line over TEXT_LINE_MAX
+MESSAGE_TOO_BIG = _Event("MESSAGE_TOO_BIG")  # the unstuffed size passed the limit
+
+
+class CommandReader:
+    """Command lines, and AUTH responses.
+
+    512 octets per command line (RFC 5321 4.5.3.1.4); 12288 for an AUTH
+    command or response (RFC 4954 4: an initial response makes the AUTH
+    line longer).  An over-long line is discarded up to its end, however
+    many reads it takes, and reported once.  A bare LF ends a command line
+    (a CR before it is dropped): only DATA is strict about line endings.
+    """
+
+    __slots__ = ("_discarding",)
+
+    def __init__(self) -> None:
+        self._discarding = False
+
+    def read(self, buf: bytes, auth: bool = False) -> tuple[bytes | _Event | None, bytes]:
+        """The next line of C{buf} (without CRLF), L{LINE_TOO_LONG}, or
+        None (a partial line: more input needed), and the rest of C{buf}.
+
+        @param auth: an AUTH exchange is waiting for a response line.
+        """
+        while buf:
+            limit = AUTH_LINE_MAX if auth or _AUTH_PREFIX.match(buf) else COMMAND_LINE_MAX
+            i = buf.find(b"\n")
+            if i < 0:
+                if len(buf) <= limit:
+                    return None, buf
+                if self._discarding:
+                    return None, _EMPTY
+                self._discarding = True
+                return LINE_TOO_LONG, _EMPTY
+            line, buf = buf[:i], buf[i + 1:]
+            if self._discarding:  # the end of a line already reported
+                self._discarding = False
+                continue
+            if i + 1 > limit:
+                return LINE_TOO_LONG, buf
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            return line, buf
+        return None, buf
+
+
+class DataReader:
+    """The DATA stream of one message, up to its terminating ``.`` line.
+
+    Events, one per L{read}: message bytes (unstuffed, CRLF line endings,
+    to store as they are); L{TEXT_LINE_TOO_LONG} or L{MESSAGE_TOO_BIG} the
+    first time the message fails (after which it is read to its end and
+    nothing more is returned); L{BARE_LINE_ENDING} (SMTP smuggling: the
+    caller must stop reading the stream); L{END_OF_DATA}.
+
+    @param max_size: the message size limit in unstuffed octets (0: none).
+    @param line_max: the longest text line, CRLF included, or None for no
+        limit.  Checked on unstuffed data: the dot added for transparency
+        does not count (RFC 5321 4.5.3.1.6), so a 998-octet line whose
+        stuffed form is 999 passes.
+    """
+
+    __slots__ = ("max_size", "line_max", "size", "failed", "_at_line_start")
+
+    def __init__(self, max_size: int, line_max: int | None = TEXT_LINE_MAX) -> None:
+        self.max_size = max_size
+        self.line_max = line_max
+        self.size = 0  # unstuffed octets so far
+        self.failed: object | None = None  # why the message failed
+        self._at_line_start = True
+
+    def read(self, buf: bytes) -> tuple[bytes | _Event | None, bytes]:
+        """The next event of C{buf}, or None (more input needed), and the
+        bytes not consumed (after L{END_OF_DATA}: what follows the message)."""
+        while True:
+            if self._at_line_start and buf.startswith(b".\r\n"):
+                return END_OF_DATA, buf[3:]
+            end = buf.rfind(b"\n")
+            if end < 0:
+                return self._partial(buf)
+            # Only CRLF.CRLF ends DATA.  The block runs to the CRLF that
+            # ends the last line of the message (the "." line stays in the
+            # rest, at a line start), or to the last LF received.
+            j = buf.find(b"\r\n.\r\n", 0, end + 1)
+            cut = j + 2 if j >= 0 else end + 1
+            block, buf = buf[:cut], buf[cut:]
+            event = self._block(block)
+            if event is not None:
+                return event, buf
+
+    def _partial(self, buf: bytes) -> tuple[_Event | None, bytes]:
+        """A partial line: wait for its end, unless it is already too long
+        whatever follows (one more octet for a dot added for transparency)."""
+        limit = self.line_max
+        if limit is None:
+            return None, buf
+        stuffed = self._at_line_start and buf[:1] == b"."
+        if len(buf) < limit + stuffed:
+            return None, buf
+        if b"\r" in buf[:-1]:  # bare CR, even in a line never stored
+            return BARE_LINE_ENDING, buf
+        self._at_line_start = False
+        rest = buf[-1:] if buf.endswith(b"\r") else _EMPTY  # a CR may start the CRLF.CRLF
+        return self._fail(TEXT_LINE_TOO_LONG), rest
+
+    def _block(self, block: bytes) -> bytes | _Event | None:
+        """A run of lines, each CRLF-terminated unless a smuggling attempt."""
+        crlf = block.count(b"\r\n")
+        if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+            return BARE_LINE_ENDING
+        at_line_start, self._at_line_start = self._at_line_start, True
+        if self.failed is not None:
+            return None  # read on to the final dot; the reply comes then
+        if b"\n." not in block and not (at_line_start and block[:1] == b"."):
+            data = block  # nothing to unstuff (most blocks): no copy
+        elif at_line_start:
+            data = (b"\n" + block).replace(b"\n.", b"\n")[1:]
+        else:
+            data = block.replace(b"\n.", b"\n")
+        # Every LF here ends a CRLF (bare ones were refused above), so a
+        # piece keeps its CR: a line is too long when its piece has
+        # line_max octets or more.
+        limit = self.line_max
+        if limit is not None and len(data) >= limit and max(map(len, data.split(b"\n"))) >= limit:
+            return self._fail(TEXT_LINE_TOO_LONG)
+        self.size += len(data)
+        if 0 < self.max_size < self.size:
+            return self._fail(MESSAGE_TOO_BIG)
+        return data
+
+    def fail(self, reason: object) -> None:
+        """The message failed elsewhere (it could not be stored): read on
+        to its end, returning no more of it."""
+        if self.failed is None:
+            self.failed = reason
+
+    def _fail(self, event: _Event) -> _Event | None:
+        """The first failure is reported; later ones are not."""
+        if self.failed is not None:
+            return None
+        self.failed = event
+        return event

@@ -1,0 +1,439 @@
+"""The SMTP session as a sans-IO state machine, in the manner of h11.
+
+Bytes go in with L{ServerSession.receive_data}; the adapter then pulls
+L{ServerSession.next_event} until it gets a signal (see
+L{mailguard.smtpd.events}): replies to write, notices to carry out, and
+requests whose results it hands back with L{ServerSession.answer} or
+L{ServerSession.failed}.  While a request is outstanding the session is
+L{PAUSED} and reads nothing more, so pipelined commands are answered in
+order (twisted/twisted#8126) and nothing is asked before its turn.
+
+Replies to a pipelined group are held until the group is drained and then
+written together (RFC 2920 3.2): one write per group, not a small packet
+per reply for Nagle and delayed ACKs to stall.  Every reply goes through
+L{ServerSession._send}, every refusal through L{ServerSession._refuse}.
+
+All state is per instance, made when the greeting is sent: nothing
+mutable lives on the class.  The facts policies decide on (HELO, TLS, the
+authenticated user) are one frozen L{Session} value, replaced as they
+change.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable
+
+from twisted.logger import Logger
+
+from mailguard import replies as R
+from mailguard.policy.addresses import AddressError, parse_mail_from, parse_rcpt_to
+from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, mail_parameters, mail_refusal,
+                                    rcpt_parameters, vrfy_budgeted, vrfy_refusal)
+from mailguard.policy.session import Session
+from mailguard.smtpd import events as E
+from mailguard.smtpd import framing as F
+from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
+from mailguard.smtpd.extensions import Extensions
+from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
+from mailguard.smtpd.transaction import Transaction, envelope_of, trace_headers
+
+if TYPE_CHECKING:
+    from mailguard.smtpd.context import ServerContext
+
+log = Logger()
+
+JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN/ETRN before each counts as an error (Postfix smtpd_junk_command_limit)
+_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "VRFY", "MAIL",
+                       "RCPT", "DATA", "STARTTLS", "AUTH", "ETRN"})
+_DATA_FAILURES = {F.TEXT_LINE_TOO_LONG: R.DATA_LINE_TOO_LONG, F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG}
+_EMPTY = b""
+
+
+class ServerSession(Extensions):
+    """The server side of one SMTP session, from the greeting on: the
+    commands of RFC 5321 here, the service extensions' in L{Extensions}.
+
+    @param facts: the session facts at the greeting.
+    @param context: what every session shares (the configuration, the
+        clock, the trust policy and password checker); see
+        L{mailguard.smtpd.context.ServerContext}.  Only plain decisions are
+        made with it here; everything that waits is a request.
+    @param token: randomness for the CRAM-MD5 nonce.
+    """
+
+    __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
+                 "_token", "_buffer", "_events", "_out", "_pending", "_lines", "_data", "_data_failed",
+                 "_envelope", "_sasl")
+
+    def __init__(self, facts: Session, context: ServerContext,
+                 token: Callable[[int], str] = secrets.token_hex) -> None:
+        self.facts = facts
+        self.context = context
+        self.mode = COMMAND
+        self.transaction: Transaction | None = None
+        self._token = token
+        self._buffer = _EMPTY
+        self._events: list = []
+        self._out: list[bytes] = []  # replies held while pipelined commands wait
+        self._pending: E.Request | None = None
+        self._lines = F.CommandReader()
+        self._data: F.DataReader | None = None
+        self._data_failed: R.Reply | None = None
+        self._envelope = None
+        self._sasl = None
+        self.errors = 0
+        self.junk = 0
+        self.vrfy_asked = 0
+        self.auth_failures = 0
+
+    # -- the h11-style surface ----------------------------------------------------------
+    def greet(self) -> None:
+        """The server speaks first: ``220``."""
+        self._send(R.SERVICE_READY.with_text(f"{self.context.hostname} ESMTP"))
+
+    def receive_data(self, data: bytes) -> None:
+        if self.mode is not CLOSED:
+            self._buffer += data
+
+    def next_event(self):
+        """The next event, or a signal: L{E.PAUSED}, L{E.NEED_DATA}, L{E.CLOSED}."""
+        events = self._events
+        while not events:
+            if self._pending is not None:
+                return E.CLOSED if self.mode is CLOSED else E.PAUSED
+            if self.mode is CLOSED:
+                return E.CLOSED
+            if not (self._buffer and self._step()):
+                if not self._out:
+                    return E.NEED_DATA
+                self._flush()  # the pipelined group is drained
+        return events.pop(0)
+
+    @property
+    def waiting(self) -> bool:
+        """A request is outstanding."""
+        return self._pending is not None
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet read."""
+        return len(self._buffer)
+
+    @property
+    def message_size(self) -> int:
+        """Unstuffed octets of the message being received."""
+        return self._data.size if self._data is not None else 0
+
+    def answer(self, value) -> None:
+        """The result of the outstanding request."""
+        request, self._pending = self._pending, None
+        kind = type(request)
+        if kind is E.CommitMessage:
+            return self._stored(request.envelope)  # logged even if closed meanwhile
+        if self.mode is CLOSED:
+            return
+        if kind is E.CheckRecipient:
+            self._recipient_decided(request, value)
+        elif kind is E.BeginMessage:
+            self._data_begun(request.envelope)
+        elif kind is E.AnswerVrfy:
+            self._send(value)
+        elif kind is E.CheckCredentials:
+            self._auth_result(value)
+        elif kind is E.AuthFailureDelay:
+            self._send(R.AUTH_FAILED)
+        elif kind is E.KickQueue:
+            self._send(R.ETRN_STARTED)
+
+    def failed(self) -> None:
+        """The outstanding request failed (the adapter has logged why)."""
+        request, self._pending = self._pending, None
+        if self.mode is CLOSED:
+            return
+        if isinstance(request, E.CheckCredentials):
+            self._auth_internal_error()
+        elif isinstance(request, (E.BeginMessage, E.CommitMessage)):
+            self._send(R.STORAGE_ERROR)
+        else:
+            self._send(R.LOCAL_ERROR)
+
+    def message_failed(self) -> None:
+        """The message could not be written (after a L{E.WriteMessage}):
+        it is aborted, and refused at the final dot."""
+        if self.mode is DATA:
+            self._data_fail(R.STORAGE_ERROR)
+
+    def close(self, reply: R.Reply) -> None:
+        """Say C{reply} after the replies held, then close (a timeout, or
+        too many errors).  Nothing more is read."""
+        if self.mode is CLOSED:
+            return
+        self._buffer = _EMPTY
+        self._send(reply)
+        self.mode = CLOSED
+        self._events.append(E.Close())
+
+    def connection_lost(self) -> None:
+        self.mode = CLOSED
+        self._buffer = _EMPTY
+
+    # -- output ---------------------------------------------------------------------------
+    def _send(self, reply: R.Reply, extra: tuple[str, ...] = ()) -> None:
+        mode = self.mode
+        if mode is CLOSED:
+            return
+        data = reply.to_bytes(extra)
+        if mode is COMMAND and b"\n" in self._buffer:
+            self._out.append(data)  # more pipelined commands wait: answer them together
+        elif self._out:
+            self._out.append(data)
+            self._flush()
+        else:
+            self._events.append(E.Write(data))
+
+    def _flush(self) -> None:
+        if self._out:
+            self._events.append(E.Write(b"".join(self._out)))
+            self._out = []
+
+    def _request(self, request: E.Request) -> None:
+        self._pending = request
+        self._events.append(request)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        if refusal.error:
+            self._error(refusal.reply)
+        else:
+            self._send(refusal.reply)
+
+    def _error(self, reply: R.Reply) -> None:
+        """A client error: answer it, and close after too many."""
+        if not self._count_error():
+            self._send(reply)
+
+    def _count_error(self) -> bool:
+        """One more client error; past ``SmtpMaxErrors`` the session is
+        closed (True)."""
+        self.errors += 1
+        if self.errors > self.context.config.max_errors:
+            self.close(R.TOO_MANY_ERRORS)
+            return True
+        return False
+
+    def _junk_command(self) -> bool:
+        """NOOP, RSET, HELP, EXPN, ETRN: free up to L{JUNK_COMMAND_LIMIT} per
+        session, then each counts as an error.  True if that closed it."""
+        self.junk += 1
+        return self.junk > JUNK_COMMAND_LIMIT and self._count_error()
+
+    # -- input ----------------------------------------------------------------------------
+    def _step(self) -> bool:
+        """Read one command line, AUTH response or DATA event.  False:
+        more input is needed."""
+        buf = self._buffer
+        if self.mode is DATA:
+            event, self._buffer = self._data.read(buf)
+            if event is None:
+                return False
+            self._data_event(event)
+            return True
+        line, self._buffer = self._lines.read(buf, self.mode is AUTH)
+        if line is None:
+            return False
+        if line is F.LINE_TOO_LONG:
+            if self.mode is AUTH:  # RFC 4954 4: the exchange is cancelled
+                self.mode, self._sasl = COMMAND, None
+            self._error(R.LINE_TOO_LONG)
+        elif self.mode is AUTH:
+            self.mode = COMMAND
+            self._guarded_auth(self._auth_response, line)
+        else:
+            self._command(line)
+        return True
+
+    def _command(self, line: bytes) -> None:
+        verb, _, rest = line.strip().partition(b" ")
+        try:
+            name = verb.decode("ascii").upper()
+        except UnicodeDecodeError:
+            name = ""
+        if name not in _COMMANDS:
+            return self._error(R.UNKNOWN_COMMAND)
+        try:
+            arg = rest.strip().decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error(R.SYNTAX_ERROR)
+        if name == "AUTH":  # an exception's text may quote credentials
+            return self._guarded_auth(self.smtp_AUTH, arg)
+        try:
+            getattr(self, "smtp_" + name)(arg)
+        except Exception:
+            log.failure("error handling {verb}", verb=name)
+            self._send(R.LOCAL_ERROR)
+
+    # -- session commands -----------------------------------------------------------------
+    def smtp_HELO(self, arg: str) -> None:
+        """RFC 5321 HELO: the hostname only, never the extensions."""
+        self._hello(arg, esmtp=False)
+
+    def smtp_EHLO(self, arg: str) -> None:
+        self._hello(arg, esmtp=True)
+
+    def _hello(self, arg: str, esmtp: bool) -> None:
+        if not arg:
+            verb = "EHLO" if esmtp else "HELO"
+            return self._error(R.SYNTAX_ERROR.with_text(f"{verb} requires a domain"))
+        self.transaction = None
+        self.facts = replace(self.facts, helo=arg.split()[0], esmtp=esmtp)
+        reply = R.HELO_OK.with_text(self.context.hostname)
+        self._send(reply, tuple(self.ehlo_extensions()) if esmtp else ())
+
+    def ehlo_extensions(self) -> list[str]:
+        ctx = self.context
+        return ehlo_keywords(self.facts, mechanisms=self._mechanisms(), max_size=ctx.config.max_message_size,
+                             starttls=ctx.tls is not None, vrfy=ctx.config.vrfy_enabled,
+                             etrn=ctx.queue is not None, dsn=ctx.dsn)
+
+    def help_commands(self) -> list[str]:
+        ctx = self.context
+        return help_commands(self.facts, mechanisms=self._mechanisms(), starttls=ctx.tls is not None,
+                             vrfy=ctx.config.vrfy_enabled, etrn=ctx.queue is not None)
+
+    def smtp_NOOP(self, arg: str) -> None:
+        if not self._junk_command():
+            self._send(R.NOOP_OK)
+
+    def smtp_RSET(self, arg: str) -> None:
+        if not self._junk_command():
+            self.transaction = None
+            self._send(R.RESET_OK)
+
+    def smtp_HELP(self, arg: str) -> None:
+        if not self._junk_command():
+            self._send(R.HELP.with_text("Commands: " + " ".join(self.help_commands())))
+
+    def smtp_EXPN(self, arg: str) -> None:
+        if not self._junk_command():
+            self._send(R.EXPN_DISABLED)
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self.close(R.CLOSING)  # nothing after QUIT is read
+
+    def smtp_VRFY(self, arg: str) -> None:
+        config = self.context.config
+        if vrfy_budgeted(self.facts, enabled=config.vrfy_enabled, trust=self.context.trust):
+            self.vrfy_asked += 1
+            if self.vrfy_asked > config.vrfy_limit:
+                return self.close(R.TOO_MANY_ERRORS)
+        refusal = vrfy_refusal(config.vrfy_enabled, arg)
+        if refusal is not None:
+            return self._refuse(refusal)
+        self._request(E.AnswerVrfy(self.facts, arg))
+
+    # -- the mail transaction -------------------------------------------------------------
+    def smtp_MAIL(self, arg: str) -> None:
+        if self.facts.helo is None:
+            return self._error(R.NEED_EHLO)
+        if self.transaction is not None:
+            return self._error(R.NESTED_MAIL)
+        refusal = mail_refusal(self.facts)
+        if refusal is not None:
+            return self._refuse(refusal)
+        try:
+            sender, params = parse_mail_from(arg)
+        except AddressError as e:
+            return self._error(e.reply)
+        config = self.context.config
+        refusal = mail_parameters(params, max_size=config.max_message_size,
+                                  dsn=check_mail_parameter if self.context.dsn else None)
+        if refusal is not None:
+            return self._refuse(refusal)
+        self.transaction = Transaction(sender.address if sender is not None else "", params)
+        self._send(R.SENDER_OK)
+
+    def smtp_RCPT(self, arg: str) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            return self._error(R.NEED_MAIL)
+        domains = self.context.config.domains  # RFC 5321 4.5.1: <Postmaster> is ours
+        try:
+            mailbox, params = parse_rcpt_to(arg, postmaster_domain=domains[0].name if domains else None)
+        except AddressError as e:
+            return self._error(e.reply)
+        refusal = rcpt_parameters(params, dsn=check_rcpt_parameter if self.context.dsn else None)
+        if refusal is not None:
+            return self._refuse(refusal)
+        if len(transaction.recipients) >= self.context.config.max_recipients:
+            return self._send(R.TOO_MANY_RECIPIENTS)
+        transaction.attempts += 1
+        self._request(E.CheckRecipient(self.facts, mailbox, params))
+
+    def _recipient_decided(self, request: E.CheckRecipient, verdict) -> None:
+        if verdict.accepted:
+            if self.transaction is not None:
+                self.transaction.recipients.append((verdict, request.params))
+        else:
+            log.info("RCPT refused: {ip} <{rcpt}>: {reason}", ip=self.facts.client_ip,
+                     rcpt=request.mailbox.address, reason=verdict.reason)
+        self._send(verdict.reply)
+
+    def smtp_DATA(self, arg: str) -> None:
+        if arg:
+            return self._error(R.SYNTAX_ERROR)
+        transaction = self.transaction
+        if transaction is None:
+            return self._error(R.NEED_MAIL)
+        if not transaction.recipients:
+            # RFC 2920 3.1: after pipelined RCPTs that all failed, 554.
+            return self._error(R.NO_VALID_RECIPIENTS if transaction.attempts else R.NEED_RCPT)
+        envelope = envelope_of(transaction, self.facts)
+        header = trace_headers(envelope, self.facts, self.context.hostname, self.context.clock.seconds())
+        self._request(E.BeginMessage(envelope, header))
+
+    def _data_begun(self, envelope) -> None:
+        self._envelope = envelope
+        self._data = F.DataReader(self.context.config.max_message_size)
+        self._data_failed = None
+        self.mode = DATA
+        self._send(R.START_DATA)
+
+    def _data_event(self, event) -> None:
+        if type(event) is bytes:
+            return self._events.append(E.WriteMessage(event))
+        if event is F.END_OF_DATA:
+            return self._data_end()
+        if event is F.BARE_LINE_ENDING:
+            # SMTP smuggling defence (Postfix smtpd_forbid_bare_newline): a
+            # bare CR or LF in DATA is refused and the session closed, so
+            # nothing after it is read as commands or as the end of DATA.
+            log.info("bare CR/LF in DATA from {ip}: refused, closing", ip=self.facts.client_ip)
+            self._events.append(E.AbortMessage())
+            return self.close(R.BARE_LINE_ENDING)
+        self._data_fail(_DATA_FAILURES[event])
+
+    def _data_fail(self, reply: R.Reply) -> None:
+        """The message fails: read on to the final dot, answer then."""
+        if self._data_failed is None:
+            self._data_failed = reply
+            self._data.fail(reply)
+            self._events.append(E.AbortMessage())
+
+    def _data_end(self) -> None:
+        failed, envelope = self._data_failed, self._envelope
+        self.mode = COMMAND
+        self._data = self._data_failed = self._envelope = None
+        self.transaction = None
+        if failed is not None:
+            return self._send(failed)
+        self._request(E.CommitMessage(envelope))
+
+    def _stored(self, envelope) -> None:
+        log.info("accepted {id} from <{sender}> ({ip}) to {rcpts}", id=envelope.message_id,
+                 sender=envelope.mail_from, ip=envelope.client_ip,
+                 rcpts=list(envelope.mailboxes + envelope.relay_recipients))
+        # The store has handed relayed recipients to the queue, which tries
+        # them at once (no kick: that would end every entry's back-off too).
+        queued = envelope.message_id.split(".")[1]
+        self._send(R.MESSAGE_ACCEPTED.with_text(f"Ok: queued as {queued}"))

@@ -1,0 +1,193 @@
+"""The session rules, as tables: what is offered, what is refused, and
+whether a refusal counts against the error budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailguard import replies
+from mailguard.policy.rules import (
+    Refusal,
+    auth_mechanisms,
+    connection_limit_exempt,
+    ehlo_keywords,
+    etrn_refusal,
+    help_commands,
+    mail_parameters,
+    mail_refusal,
+    rcpt_parameters,
+    vrfy_budgeted,
+    vrfy_refusal,
+)
+from mailguard.policy.session import Session
+from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
+
+SIZE_TEXT = "SIZE requires a number"
+
+
+class _Passwords:
+    def __init__(self, plaintext: bool):
+        self.plaintext = plaintext
+
+    def has_plaintext_passwords(self) -> bool:
+        return self.plaintext
+
+
+class _Trust:
+    """Trusts the client IPs it is given."""
+
+    def __init__(self, *ips: str):
+        self.ips = set(ips)
+
+    def is_trusted(self, session) -> bool:
+        return session.client_ip in self.ips
+
+
+class _Greeting:
+    def __init__(self, *exceptions: str):
+        self.exceptions = set(exceptions)
+
+    def is_exception(self, session) -> bool:
+        return session.client_ip in self.exceptions
+
+
+@pytest.mark.parametrize("listener, tls, plaintext, expected", [
+    ("smtp", False, False, []),
+    ("smtp", False, True, ["CRAM-MD5"]),
+    ("smtp", True, False, ["PLAIN", "LOGIN"]),
+    ("smtp", True, True, ["CRAM-MD5", "PLAIN", "LOGIN"]),
+    ("smtps", True, True, ["CRAM-MD5", "PLAIN", "LOGIN"]),
+    ("submission", False, True, ["CRAM-MD5"]),
+])
+def test_auth_mechanisms(listener, tls, plaintext, expected):
+    session = Session("127.0.0.3", 1, listener, tls=tls)
+    assert auth_mechanisms(session, _Passwords(plaintext)) == expected
+    assert auth_mechanisms(session, None) == []
+
+
+@pytest.mark.parametrize("listener, authenticated, expected", [
+    ("smtp", None, None),
+    ("smtps", None, None),
+    ("submission", None, Refusal(replies.AUTH_REQUIRED, error=True)),
+    ("submission", "john@example.com", None),
+])
+def test_mail_refusal(listener, authenticated, expected):
+    assert mail_refusal(Session("127.0.0.3", 1, listener, authenticated=authenticated)) == expected
+
+
+BAD_PARAMETER = replies.BAD_PARAMETER
+
+
+@pytest.mark.parametrize("params, dsn, expected", [
+    ({}, False, None),
+    ({"SIZE": "2000"}, False, None),
+    ({"SIZE": "0"}, False, None),  # RFC 1870: no size declared
+    ({"SIZE": "2001"}, False, Refusal(replies.MESSAGE_TOO_BIG, error=False)),
+    ({"SIZE": "big"}, False, Refusal(replies.SYNTAX_ERROR.with_text(SIZE_TEXT), error=True)),
+    ({"SIZE": None}, False, Refusal(replies.SYNTAX_ERROR.with_text(SIZE_TEXT), error=True)),
+    ({"BODY": "8bitmime"}, False, None),
+    ({"BODY": "7BIT"}, False, None),
+    ({"BODY": "BINARYMIME"}, False,
+     Refusal(BAD_PARAMETER.with_text("BODY must be 7BIT or 8BITMIME"), error=False)),
+    ({"AUTH": "<>"}, False, None),
+    ({"FOO": "bar"}, False, Refusal(BAD_PARAMETER.with_text("Unsupported MAIL parameter FOO"), error=False)),
+    ({"RET": "FULL"}, False, Refusal(BAD_PARAMETER.with_text("Unsupported MAIL parameter RET"), error=False)),
+    ({"RET": "FULL"}, True, None),
+    ({"RET": "ALL"}, True, Refusal(replies.SYNTAX_ERROR.with_text("RET must be FULL or HDRS"), error=True)),
+    ({"ENVID": "abc"}, True, None),
+    ({"SIZE": "1", "FOO": "x"}, False,
+     Refusal(BAD_PARAMETER.with_text("Unsupported MAIL parameter FOO"), error=False)),
+])
+def test_mail_parameters(params, dsn, expected):
+    assert mail_parameters(params, max_size=2000, dsn=check_mail_parameter if dsn else None) == expected
+
+
+def test_mail_size_zero_limit_is_no_limit():
+    assert mail_parameters({"SIZE": str(10 ** 12)}, max_size=0, dsn=None) is None
+
+
+@pytest.mark.parametrize("params, dsn, expected", [
+    ({}, False, None),
+    ({"NOTIFY": "NEVER"}, False,
+     Refusal(BAD_PARAMETER.with_text("Unsupported RCPT parameter NOTIFY"), error=True)),
+    ({"NOTIFY": "NEVER"}, True, None),
+    ({"NOTIFY": None}, True, Refusal(replies.SYNTAX_ERROR.with_text("NOTIFY requires a value"), error=True)),
+    ({"ORCPT": "rfc822;a@b.test"}, True, None),
+    ({"ORCPT": "nonsense"}, True, Refusal(replies.SYNTAX_ERROR.with_text("ORCPT must be addr-type;xtext"), error=True)),
+    ({"FOO": "x"}, True, Refusal(BAD_PARAMETER.with_text("Unsupported RCPT parameter FOO"), error=True)),
+])
+def test_rcpt_parameters(params, dsn, expected):
+    assert rcpt_parameters(params, dsn=check_rcpt_parameter if dsn else None) == expected
+
+
+UNTRUSTED = Session("127.0.0.3", 1, "smtp")
+TRUSTED = Session("127.0.0.2", 1, "smtp")
+
+
+@pytest.mark.parametrize("session, enabled, budgeted", [
+    (UNTRUSTED, True, True),
+    (UNTRUSTED, False, False),  # disabled: every VRFY is an error instead
+    (TRUSTED, True, False),  # gateways ask without limit
+    (TRUSTED, False, False),
+])
+def test_vrfy_budget(session, enabled, budgeted):
+    assert vrfy_budgeted(session, enabled=enabled, trust=_Trust("127.0.0.2")) is budgeted
+
+
+@pytest.mark.parametrize("enabled, argument, expected", [
+    (False, "john", Refusal(replies.VRFY_DISABLED, error=True)),
+    (False, "", Refusal(replies.VRFY_DISABLED, error=True)),
+    (True, "", Refusal(replies.SYNTAX_ERROR, error=True)),
+    (True, "a@b@c", Refusal(replies.SYNTAX_ERROR, error=True)),
+    (True, "john", None),
+    (True, "<john@example.com>", None),
+])
+def test_vrfy_refusal(enabled, argument, expected):
+    assert vrfy_refusal(enabled, argument) == expected
+
+
+@pytest.mark.parametrize("session, expected", [
+    (UNTRUSTED, Refusal(replies.ETRN_NOT_AVAILABLE, error=False)),
+    (TRUSTED, None),
+])
+def test_etrn_is_for_trusted_clients(session, expected):
+    assert etrn_refusal(session, _Trust("127.0.0.2")) == expected
+
+
+@pytest.mark.parametrize("ip, exempt", [
+    ("127.0.0.2", True),  # trusted
+    ("127.0.0.4", True),  # the greeting-delay exceptions group
+    ("127.0.0.3", False),
+])
+def test_connection_limit_exemption(ip, exempt):
+    session = Session(ip, 1, "smtp")
+    assert connection_limit_exempt(session, _Greeting("127.0.0.4"), _Trust("127.0.0.2")) is exempt
+
+
+ALL = dict(mechanisms=["CRAM-MD5"], max_size=1000, starttls=True, vrfy=True, etrn=True, dsn=True)
+BASE = ["SIZE 1000", "ENHANCEDSTATUSCODES", "8BITMIME", "PIPELINING", "HELP"]
+
+
+@pytest.mark.parametrize("session, offer, expected", [
+    (UNTRUSTED, ALL, ["AUTH CRAM-MD5", "SIZE 1000", "STARTTLS", "VRFY", "ENHANCEDSTATUSCODES",
+                      "8BITMIME", "PIPELINING", "ETRN", "DSN", "HELP"]),
+    (UNTRUSTED, dict(ALL, mechanisms=[], starttls=False, vrfy=False, etrn=False, dsn=False), BASE),
+    (Session("127.0.0.3", 1, "smtps", tls=True), dict(ALL, vrfy=False, etrn=False, dsn=False),
+     ["AUTH CRAM-MD5"] + BASE),  # TLS on: no STARTTLS
+    (Session("127.0.0.3", 1, "smtp", authenticated="j@x.test"), dict(ALL, starttls=False, vrfy=False,
+                                                                      etrn=False, dsn=False), BASE),
+])
+def test_ehlo_keywords_only_where_they_work(session, offer, expected):
+    assert ehlo_keywords(session, **offer) == expected
+
+
+@pytest.mark.parametrize("session, offer, extra", [
+    (UNTRUSTED, dict(mechanisms=["CRAM-MD5"], starttls=True, vrfy=True, etrn=True),
+     ["VRFY", "STARTTLS", "AUTH", "ETRN"]),
+    (UNTRUSTED, dict(mechanisms=[], starttls=False, vrfy=False, etrn=False), []),
+    (Session("127.0.0.3", 1, "smtps", tls=True, authenticated="j@x.test"),
+     dict(mechanisms=["PLAIN"], starttls=True, vrfy=False, etrn=False), []),
+])
+def test_help_lists_what_works_now(session, offer, extra):
+    base = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"]
+    assert help_commands(session, **offer) == base + extra

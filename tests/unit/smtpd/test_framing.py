@@ -1,0 +1,231 @@
+"""Framing on bytes alone: command lines and their limits, the DATA stream
+(bare CR/LF, dot-stuffing, the terminating dot, size and line limits), at
+every split of the input into reads."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailguard.smtpd.framing import (
+    AUTH_LINE_MAX,
+    BARE_LINE_ENDING,
+    COMMAND_LINE_MAX,
+    END_OF_DATA,
+    LINE_TOO_LONG,
+    MESSAGE_TOO_BIG,
+    TEXT_LINE_TOO_LONG,
+    CommandReader,
+    DataReader,
+)
+
+FINAL = (END_OF_DATA, BARE_LINE_ENDING)
+
+
+def lines_of(reader: CommandReader, chunks, auth=False) -> list:
+    """Every line or LINE_TOO_LONG read from C{chunks}, fed one by one."""
+    out, buf = [], b""
+    for chunk in chunks:
+        buf += chunk
+        while True:
+            item, buf = reader.read(buf, auth)
+            if item is None:
+                break
+            out.append(item)
+    return out
+
+
+def data_of(chunks, max_size=0, line_max=1000):
+    """(stored bytes, events, bytes after the message) for DATA fed in C{chunks}."""
+    reader = DataReader(max_size, line_max)
+    body, events, buf = [], [], b""
+    chunks = list(chunks)
+    while chunks:
+        buf += chunks.pop(0)
+        while True:
+            event, buf = reader.read(buf)
+            if event is None:
+                break
+            if type(event) is bytes:
+                assert event, "no empty blocks"
+                body.append(event)
+                continue
+            events.append(event)
+            if event in FINAL:
+                return b"".join(body), events, buf + b"".join(chunks)
+    return b"".join(body), events, buf
+
+
+def splits(stream: bytes):
+    """The stream in two reads, at every byte."""
+    for cut in range(len(stream) + 1):
+        yield [stream[:cut], stream[cut:]]
+
+
+def stuffed(lines: list[bytes]) -> bytes:
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+
+
+# --- command lines ---------------------------------------------------------------------
+
+
+def test_lines_end_at_crlf_or_bare_lf():
+    assert lines_of(CommandReader(), [b"EHLO a\r\nNOOP\nQUIT\r\n"]) == [b"EHLO a", b"NOOP", b"QUIT"]
+
+
+def test_a_partial_line_waits():
+    reader = CommandReader()
+    assert reader.read(b"NOO") == (None, b"NOO")
+    assert lines_of(reader, [b"NO", b"OP\r", b"\n"]) == [b"NOOP"]
+
+
+@pytest.mark.parametrize("length, ok", [(COMMAND_LINE_MAX, True), (COMMAND_LINE_MAX + 1, False)])
+def test_command_line_limit_counts_the_crlf(length, ok):
+    line = b"NOOP " + b"x" * (length - 7) + b"\r\n"
+    assert len(line) == length
+    expected = [line[:-2]] if ok else [LINE_TOO_LONG]
+    for chunks in splits(line + b"NOOP\r\n"):
+        assert lines_of(CommandReader(), chunks) == expected + [b"NOOP"]
+
+
+@pytest.mark.parametrize("prefix", [b"AUTH ", b"auth\t", b" AUTH "])
+def test_auth_lines_may_be_longer(prefix):
+    line = prefix + b"A" * (AUTH_LINE_MAX - len(prefix) - 2) + b"\r\n"
+    assert lines_of(CommandReader(), [line]) == [line[:-2]]
+    assert lines_of(CommandReader(), [prefix + b"A" * AUTH_LINE_MAX + b"\r\n"]) == [LINE_TOO_LONG]
+
+
+def test_auth_responses_may_be_longer():
+    response = b"A" * 5000 + b"\r\n"
+    assert lines_of(CommandReader(), [response], auth=True) == [b"A" * 5000]
+    assert lines_of(CommandReader(), [response]) == [LINE_TOO_LONG]
+
+
+def test_overlong_line_in_pieces_is_reported_once_and_discarded_to_its_end():
+    chunks = [b"RCPT TO:<" + b"x" * 200] + [b"x" * 200] * 10 + [b">\r\nNOOP\r\n"]
+    assert lines_of(CommandReader(), chunks) == [LINE_TOO_LONG, b"NOOP"]
+
+
+def test_overlong_line_buffers_nothing_while_discarded():
+    reader = CommandReader()
+    item, rest = reader.read(b"x" * 600)
+    assert (item, rest) == (LINE_TOO_LONG, b"")
+    assert reader.read(b"y" * 600) == (None, b"")
+    assert reader.read(b"z\r\nNOOP\r\n") == (b"NOOP", b"")
+
+
+# --- DATA: the end, dot-stuffing ------------------------------------------------------------
+
+TRICKY_LINES = [b"Subject: dots", b"", b".", b"..", b"...x", b".leading", b"middle.dot",
+                b"x.", b" .", b"", b".\t", b"end"]
+
+
+def test_unstuffing_and_the_end_at_every_split():
+    body = b"".join(line + b"\r\n" for line in TRICKY_LINES)
+    stream = stuffed(TRICKY_LINES) + b".\r\nNOOP\r\n"
+    for chunks in splits(stream):
+        assert data_of(chunks) == (body, [END_OF_DATA], b"NOOP\r\n"), chunks
+
+
+@pytest.mark.parametrize("stream, body", [
+    (b".\r\n", b""),  # at once
+    (b"hello\r\n.\r\n", b"hello\r\n"),
+    (b"a.\r\nb .\r\n.\r\n", b"a.\r\nb .\r\n"),  # a dot ends DATA only at a line start
+    (b"a\r\n.b\r\n..\r\n.\r\n", b"a\r\nb\r\n.\r\n"),
+    (b"..\r\n.\r\n", b".\r\n"),
+    (b"x\r\n..\r\n..\r\n.\r\n", b"x\r\n.\r\n.\r\n"),
+])
+def test_the_terminating_dot_at_every_position(stream, body):
+    for chunks in splits(stream + b"QUIT\r\n"):
+        assert data_of(chunks) == (body, [END_OF_DATA], b"QUIT\r\n")
+
+
+def test_nothing_unstuffed_is_not_copied():
+    block = b"plain line\r\n" * 10
+    event, rest = DataReader(0).read(block)
+    assert event is block and rest == b""
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lines=st.lists(st.binary(min_size=0, max_size=12).map(
+        lambda b: b.replace(b"\r", b"r").replace(b"\n", b"n")).map(
+        lambda b: b"." + b if b[:1] == b"x" else b), max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_stuffing_round_trip_any_chunking(lines, cuts):
+    """Any message, cut into any reads (and into two at every split), is
+    read back byte for byte, and what follows it is left."""
+    stream = stuffed(lines) + b".\r\nNOOP\r\n"
+    body = b"".join(line + b"\r\n" for line in lines)
+    points = sorted({c for c in cuts if c < len(stream)})
+    chunks = [stream[a:b] for a, b in zip([0] + points, points + [len(stream)])]
+    assert data_of(chunks) == (body, [END_OF_DATA], b"NOOP\r\n")
+    for two in splits(stream):
+        assert data_of(two) == (body, [END_OF_DATA], b"NOOP\r\n")
+
+
+# --- DATA: SMTP smuggling ------------------------------------------------------------------
+
+@pytest.mark.parametrize("attack", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r",
+                                    b"\nX-Header: y\r\n", b"\rX\r\n"])
+def test_bare_cr_or_lf_is_refused_at_every_split(attack):
+    stream = b"Subject: hi\r\n\r\nhello" + attack + b"MAIL FROM:<a@b.test>\r\nsmuggled\r\n.\r\n"
+    for chunks in splits(stream):
+        body, events, _ = data_of(chunks)
+        assert events == [BARE_LINE_ENDING], chunks
+        assert b"MAIL" not in body and b"smuggled" not in body  # the caller aborts the rest
+
+
+def test_bare_cr_in_a_line_too_long_to_wait_for():
+    assert data_of([b"a" * 500 + b"\r" + b"b" * 600])[1] == [BARE_LINE_ENDING]
+
+
+# --- DATA: limits --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream, stored", [
+    (b"x" * 998 + b"\r\n.\r\n", b"x" * 998 + b"\r\n"),
+    (b".." + b"x" * 997 + b"\r\n.\r\n", b"." + b"x" * 997 + b"\r\n"),  # the stuffing dot does not count
+])
+def test_text_line_of_998_octets_at_every_split(stream, stored):
+    for chunks in splits(stream):
+        assert data_of(chunks) == (stored, [END_OF_DATA], b""), chunks
+
+
+@pytest.mark.parametrize("stream, failure", [
+    (b"x" * 999 + b"\r\n.\r\n", TEXT_LINE_TOO_LONG),
+    (b"x" * 999 + b"\r\nRSET\r\nQUIT\r\n.\r\n", TEXT_LINE_TOO_LONG),  # stays in DATA
+    (b"y" * 14000 + b"\r\nQUIT\r\n" + b"x" * 300 + b"\r\n.\r\n", TEXT_LINE_TOO_LONG),
+])
+def test_text_line_limit_at_every_split(stream, failure):
+    for chunks in splits(stream):
+        body, events, rest = data_of(chunks)
+        assert (body, events, rest) == (b"", [failure, END_OF_DATA], b""), chunks
+
+
+def test_a_failed_message_is_read_to_its_end_and_stores_nothing_more():
+    body, events, rest = data_of([b"ok\r\n", b"x" * 1200, b"tail\r\nmore\r\n.\r\nNOOP\r\n"])
+    assert (body, events, rest) == (b"ok\r\n", [TEXT_LINE_TOO_LONG, END_OF_DATA], b"NOOP\r\n")
+
+
+def test_no_line_limit():
+    line = b"x" * 100000 + b"\r\n"
+    assert data_of([line[:50000], line[50000:] + b".\r\n"], line_max=None) == (line, [END_OF_DATA], b"")
+
+
+@pytest.mark.parametrize("lines, failure", [(20, None), (21, MESSAGE_TOO_BIG)])
+def test_size_limit_is_inclusive_and_counts_unstuffed_octets(lines, failure):
+    line = b".." + b"x" * 97 + b"\r\n"  # 101 octets stuffed, 100 unstuffed
+    stream = line * lines + b".\r\n"
+    body, events, _ = data_of([stream], max_size=2000)
+    if failure is None:
+        assert events == [END_OF_DATA] and len(body) == 2000
+    else:
+        assert events == [failure, END_OF_DATA] and body == b""
+
+
+def test_size_zero_is_no_limit():
+    reader = DataReader(0)
+    assert reader.read(b"x" * 998 + b"\r\n") == (b"x" * 998 + b"\r\n", b"")
+    assert reader.size == 1000
