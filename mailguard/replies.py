@@ -98,6 +98,9 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long in message data (RFC 5321 limit is 1000 octets)")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+# RFC 5321 6.3: a message with too many Received fields is in a mail loop;
+# RFC 3463 X.4.6 "Routing loop detected" (as Postfix's hopcount_limit).
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (Received header fields): mail loop")
 
 # --- VRFY / EXPN ------------------------------------------------------------
 VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")

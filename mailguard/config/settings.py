@@ -89,6 +89,7 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("SmtpIdleTimeout", "idle_timeout", Seconds(0, _DAY), False),
     Scalar("SmtpMaxSessionTime", "max_session_time", Seconds(0, _DAY), False),
     Scalar("SmtpMaxRecipients", "max_recipients", Number(1, 100_000), False),
+    Scalar("SmtpHopCountLimit", "hop_count_limit", Number(0, 1000), False),
     Scalar("SmtpMaxErrors", "max_errors", Number(0, 10_000), False),
     Scalar("SmtpVrfyLimit", "vrfy_limit", Number(0, 10_000), False),
     Scalar("SmtpMaxAuthFailures", "max_auth_failures", Number(0, 10_000), False),
@@ -140,6 +141,7 @@ class Configuration:
     idle_timeout: float = 300.0
     max_session_time: float = 1800.0
     max_recipients: int = 1000
+    hop_count_limit: int = 50  # Postfix's hopcount_limit
     max_errors: int = 20
     vrfy_limit: int = 20
     max_auth_failures: int = 5

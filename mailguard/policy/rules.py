@@ -26,6 +26,7 @@ __all__ = [
     "ehlo_keywords",
     "etrn_refusal",
     "help_commands",
+    "hops_refusal",
     "mail_parameters",
     "mail_refusal",
     "rcpt_parameters",
@@ -158,6 +159,17 @@ def vrfy_budgeted(session: Session, *, enabled: bool, trust) -> bool:
     session busy.  Trusted gateways ask without limit; with VRFY disabled
     every VRFY is an error already."""
     return enabled and not trust.is_trusted(session)
+
+
+def hops_refusal(received: int, limit: int) -> Refusal | None:
+    """A mail loop (RFC 5321 6.3): the message arrived with C{received}
+    ``Received:`` fields, and the one this server adds would take it past
+    C{limit} (``SmtpHopCountLimit``, default 50 as Postfix's
+    ``hopcount_limit``; 0: no limit).  ``554 5.4.6``, refused at the final
+    dot; not a client error (the client may not know it relays a loop)."""
+    if limit and received >= limit:
+        return Refusal(replies.TOO_MANY_HOPS, error=False)
+    return None
 
 
 def vrfy_refusal(enabled: bool, argument: str) -> Refusal | None:

@@ -29,13 +29,14 @@ from twisted.logger import Logger
 
 from mailguard import replies as R
 from mailguard.policy.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, mail_parameters, mail_refusal,
-                                    rcpt_parameters, vrfy_budgeted, vrfy_refusal)
+from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, hops_refusal, mail_parameters,
+                                    mail_refusal, rcpt_parameters, vrfy_budgeted, vrfy_refusal)
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
 from mailguard.smtpd.extensions import Extensions
+from mailguard.smtpd.hops import ReceivedCounter
 from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
 from mailguard.smtpd.transaction import Transaction, envelope_of, trace_headers
 
@@ -65,7 +66,7 @@ class ServerSession(Extensions):
 
     __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
                  "_token", "_buffer", "_events", "_out", "_pending", "_lines", "_data", "_data_failed",
-                 "_envelope", "_sasl")
+                 "_envelope", "_sasl", "_hops")
 
     def __init__(self, facts: Session, context: ServerContext,
                  token: Callable[[int], str] = secrets.token_hex) -> None:
@@ -83,6 +84,7 @@ class ServerSession(Extensions):
         self._data_failed: R.Reply | None = None
         self._envelope = None
         self._sasl = None
+        self._hops: ReceivedCounter | None = None
         self.errors = 0
         self.junk = 0
         self.vrfy_asked = 0
@@ -395,12 +397,15 @@ class ServerSession(Extensions):
     def _data_begun(self, envelope) -> None:
         self._envelope = envelope
         self._data = F.DataReader(self.context.config.max_message_size)
+        self._hops = ReceivedCounter()
         self._data_failed = None
         self.mode = DATA
         self._send(R.START_DATA)
 
     def _data_event(self, event) -> None:
         if type(event) is bytes:
+            if self._hops.in_header and self._loop(event):
+                return
             return self._events.append(E.WriteMessage(event))
         if event is F.END_OF_DATA:
             return self._data_end()
@@ -412,6 +417,23 @@ class ServerSession(Extensions):
             self._events.append(E.AbortMessage())
             return self.close(R.BARE_LINE_ENDING)
         self._data_fail(_DATA_FAILURES[event])
+
+    def _loop(self, data: bytes) -> bool:
+        """Count the Received fields in C{data} (the header section only):
+        True if the message is in a mail loop, and so failed."""
+        hops = self._hops
+        hops.feed(data)
+        refusal = hops_refusal(hops.count, self.context.config.hop_count_limit)
+        if refusal is None:
+            return False
+        envelope = self._envelope
+        log.warn("mail loop: message from <{sender}> ({ip}) to {rcpts} has at least {n} Received header fields "
+                 "(SmtpHopCountLimit {limit}); refused with {reply} at the final dot",
+                 sender=envelope.mail_from, ip=self.facts.client_ip,
+                 rcpts=list(envelope.mailboxes + envelope.relay_recipients), n=hops.count,
+                 limit=self.context.config.hop_count_limit, reply=f"{refusal.reply.code} {refusal.reply.status}")
+        self._data_fail(refusal.reply)
+        return True
 
     def _data_fail(self, reply: R.Reply) -> None:
         """The message fails: read on to the final dot, answer then."""

@@ -13,6 +13,7 @@ from mailguard.policy.rules import (
     ehlo_keywords,
     etrn_refusal,
     help_commands,
+    hops_refusal,
     mail_parameters,
     mail_refusal,
     rcpt_parameters,
@@ -144,6 +145,23 @@ def test_vrfy_budget(session, enabled, budgeted):
 ])
 def test_vrfy_refusal(enabled, argument, expected):
     assert vrfy_refusal(enabled, argument) == expected
+
+
+@pytest.mark.parametrize("received, limit, expected", [
+    (0, 50, None),
+    (49, 50, None),  # stored with 50: at the limit
+    (50, 50, Refusal(replies.TOO_MANY_HOPS, error=False)),  # would leave with 51
+    (60, 50, Refusal(replies.TOO_MANY_HOPS, error=False)),
+    (5, 5, Refusal(replies.TOO_MANY_HOPS, error=False)),
+    (4, 5, None),
+    (1000, 0, None),  # 0: no limit
+])
+def test_hops_refusal(received, limit, expected):
+    assert hops_refusal(received, limit) == expected
+
+
+def test_too_many_hops_is_554_5_4_6():
+    assert (replies.TOO_MANY_HOPS.code, replies.TOO_MANY_HOPS.status) == (554, "5.4.6")
 
 
 @pytest.mark.parametrize("session, expected", [
