@@ -185,7 +185,7 @@ def system_calls(trace: str) -> list[Call]:
         pid, _, rest = line.partition(" ")
         rest = rest.lstrip()
         if rest.endswith("<unfinished ...>"):
-            pending[pid] = (i, rest[: -len("<unfinished ...>")])
+            pending[pid] = (i, rest[: -len("<unfinished ...>")].rstrip())
         elif rest.startswith("<... ") and pid in pending:
             start, text = pending.pop(pid)
             calls.append(Call(start, i, text + rest[rest.index("resumed>") + len("resumed>"):]))
@@ -270,7 +270,8 @@ def test_the_250_follows_the_fsyncs_in_the_system_calls(tmp_path):
         if relayed:
             active = spool / "queue" / "active"
             covered.append(first(calls, "link(", f'"{incoming}"', f'"{active / id}.eml"', after=synced.end))
-            covered.append(first(calls, "rename(", f'"{active / id}.env"', after=synced.end))
+            envelope = first(calls, "fsync(", f"<{spool / 'queue' / 'tmp' / id}.")  # written in tmp/, fsynced,
+            covered.append(first(calls, "rename(", f'"{active / id}.env"', after=envelope.end))  # then renamed
         last_name = max(c.end for c in covered)
         dir_syncs = [first(calls, "fsync(", f"<{new[stored.parent.parent.parent.name]}>)", after=linked.end)]
         if relayed:

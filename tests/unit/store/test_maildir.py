@@ -357,6 +357,72 @@ def test_the_250_comes_after_the_file_and_directory_fsyncs(tmp_path, monkeypatch
     assert transport.value().endswith(b"250 2.0.0 OK\r\n")  # the pipelined NOOP, after
 
 
+class RecordingFileSystem:
+    """An injected file-system layer: C{os.write}, C{os.fsync}, C{os.link}
+    and C{os.rename} as the store and the queue call them, each recorded
+    under the spool with what the client had been sent at that moment."""
+
+    def __init__(self, monkeypatch, spool: str, transport) -> None:
+        self.calls: list[tuple] = []
+        self.spool, self.transport = spool, transport
+        for name in ("write", "fsync", "link", "rename"):
+            monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+
+    def _wrap(self, name, real):
+        def call(*args):
+            paths = [os.readlink(f"/proc/self/fd/{a}") if name in ("write", "fsync") and i == 0 else a
+                     for i, a in enumerate(args[:2] if name in ("link", "rename") else args[:1])]
+            if all(isinstance(p, str) and p.startswith(self.spool) for p in paths):
+                self.calls.append((name, *(os.path.relpath(p, self.spool) for p in paths), self.transport.value()))
+            return real(*args)
+        return call
+
+    def index(self, *call) -> int:
+        """Where the first call that is C{call} was made."""
+        for i, c in enumerate(self.calls):
+            if c[:len(call)] == call:
+                return i
+        raise AssertionError(f"no {call} in {self.calls}")
+
+
+def test_the_file_system_calls_behind_a_250_in_order(tmp_path, monkeypatch):
+    """The promise through an injected file-system layer, for a message to
+    a local mailbox and a relayed recipient (the queue's files too): the
+    message is written and fsynced, then linked; the queue's envelope is
+    written, fsynced and renamed into place; the directories are fsynced
+    after those names exist; and not one of these calls saw a reply sent.
+    The 250 comes after the last."""
+    from mailguard.testing import connect, make_context
+    from tests.unit.store.world import World
+
+    world = World(tmp_path)
+    world.queue.startService()
+    ctx = make_context(world.config, clock=world.clock, spool=world.spool, store=world.store, queue=world.queue)
+    s = connect(ctx, "127.0.0.2")  # trusted: may relay
+    s.take()
+    s.cmd("EHLO client.test")
+    s.send("MAIL FROM:<john@example.com>\r\nRCPT TO:<jane@example.com>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\n")
+    s.take()
+    fs = RecordingFileSystem(monkeypatch, os.path.realpath(world.spool) + os.sep, s.transport)
+    out = s.send(b"Subject: order\r\n\r\nbody\r\n.\r\n")
+    monkeypatch.undo()
+    [stored] = os.listdir(tmp_path / "spool" / "mail" / "example.com" / "jane" / "Maildir" / "new")
+    incoming, new = f"incoming/{stored}", "mail/example.com/jane/Maildir/new"
+    [env_tmp] = {c[1] for c in fs.calls if c[0] == "write" and c[1].startswith("queue/tmp/")}
+    order = [fs.index("write", incoming), fs.index("fsync", incoming)]
+    assert order == sorted(order)
+    linked = [fs.index("link", incoming, f"{new}/{stored}"), fs.index("link", incoming, f"queue/active/{stored}.eml")]
+    assert min(linked) > order[-1]  # linked only once fsynced
+    envelope = [fs.index("write", env_tmp), fs.index("fsync", env_tmp),
+                fs.index("rename", env_tmp, f"queue/active/{stored}.env")]
+    assert envelope == sorted(envelope)
+    assert fs.index("fsync", new) > max(linked)
+    assert fs.index("fsync", "queue/active") > max(linked[1], envelope[-1])
+    assert all(c[-1] == b"" for c in fs.calls)  # nothing was answered during any of them
+    assert s.codes(out) == ["250 2.0.0"]
+    world.queue.stopService()
+
+
 def test_a_failed_directory_fsync_is_a_4xx_and_takes_the_links_back(tmp_path, monkeypatch):
     run = ManualRun()
     store, proto, transport = _session(tmp_path, run)

@@ -114,3 +114,14 @@ def test_data_refused_after_the_dot_bounces_every_recipient(world):
     _, _, _, rcpts = parse_report(bounce.read_bytes())
     assert [r["Final-Recipient"] for r in rcpts] == ["rfc822; x@remote.test", "rfc822; y@remote.test"]
     assert world.active() == []
+
+
+def test_the_return_path_stays_here(world):
+    """A stored message starts with Return-Path (final delivery, RFC 5321
+    4.4): the next hop gets everything after it, and nothing else is cut."""
+    body = b"Received: from client.test\r\n\tby mx.example.com; Mon, 1 Jan 2026 00:00:00 +0000\r\nSubject: rp\r\n\r\nhi\r\n"
+    world.accept(body=b"Return-Path: <john@example.com>\r\n" + body)
+    world.accept(body=b"Subject: no return path\r\n\r\nReturn-Path: <in the body>\r\n")
+    world.run()
+    assert [m.data for m in world.net.messages] == [
+        body, b"Subject: no return path\r\n\r\nReturn-Path: <in the body>\r\n"]
