@@ -110,7 +110,7 @@ class RelayQueue(service.Service):
         self.timeout = timeout
         if connect is None and relay_host is not None:
             connect = endpoint_connector(clock, relay_host[0], relay_host[1], connect_timeout)
-        self._hop = RelayHop(self.relay_name, hostname, tls, self.tls_required, timeout, connect)
+        self._hop = RelayHop(self.relay_name, hostname, tls, self.tls_required, timeout, connect, clock)
         self.entries: dict[str, QueueEntry] = {}
         self._ready: deque[QueueEntry] = deque()
         self._workers: set[Worker] = set()

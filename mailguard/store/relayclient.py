@@ -44,6 +44,8 @@ class RelayHop:
     @ivar tls_required: no delivery without TLS (``RelayHostTlsVerify=1``).
     @ivar timeout: seconds to wait for each reply.
     @ivar connect: C{factory -> Deferred[protocol]}.
+    @ivar clock: the C{IReactorTime} the reply timeout runs on (the
+        queue's); None: the global reactor.
     """
 
     name: str | None
@@ -52,6 +54,7 @@ class RelayHop:
     tls_required: bool
     timeout: float | None
     connect: Callable
+    clock: Any = None
 
 
 def endpoint_connector(clock, host: str, port: int, timeout: float) -> Callable:
@@ -179,6 +182,8 @@ class _RelayClientFactory(protocol.ClientFactory):
         hop = self.worker.hop
         p = RelayClient(self.worker, hop.identity, hop.tls if self.worker.use_tls else None,
                         hop.tls_required, hop.timeout)
+        if hop.clock is not None:
+            p.callLater = hop.clock.callLater  # the reply timeout (TimeoutMixin) on the queue's clock
         p.factory = self
         return p
 

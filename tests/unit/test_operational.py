@@ -194,3 +194,23 @@ def test_a_down_gateway_back_end_is_one_warning(trouble, reason):
     assert len(failures) == 3
     assert one_line(logs) == (f"gateway back-end backend.test:25 unreachable ({reason}): its recipients get "
                               "450 4.4.1 until it answers; a new connection is tried after 1 s")
+
+
+def test_a_silent_relay_host_times_out_in_one_line(tmp_path):
+    """A relay host that accepts and never answers: after the reply
+    timeout (on the queue's clock), one deferred line, no traceback."""
+    world = World(tmp_path, timeout=120.0)
+    world.queue.startService()
+    world.net.greeting = ""  # connected, and then nothing
+    with LogCapture() as logs:
+        msg_id = world.accept()
+        world.run()
+        assert [formatEvent(e) for e in logs.events] == []  # still waiting
+        world.run(120)
+    assert "Traceback" not in logs.text()
+    assert [formatEvent(e) for e in logs.events] == [
+        "relay host relay.test:25 unreachable (timeout waiting for the relay host): deliveries suspended for 300 s",
+        f"relay {msg_id} to <x@remote.test>: deferred (X-mailguard; timeout waiting for the relay host); "
+        "next attempt in 300 s",
+    ]
+    world.queue.stopService()
