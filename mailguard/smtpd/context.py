@@ -64,6 +64,7 @@ class Connections:
         self.sessions: set = set()
         self.stopping = False
         self._clock = clock
+        self._emptied: list[defer.Deferred] = []
 
     def open(self, key, session: Session) -> R.Reply | None:
         """Count the connection C{key} (its protocol), or the refusal."""
@@ -88,6 +89,18 @@ class Connections:
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+        if not self.sessions and self._emptied:
+            waiters, self._emptied = self._emptied, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_empty(self) -> defer.Deferred:
+        """Fires once no connection is open (at once if none is)."""
+        if not self.sessions:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._emptied.append(d)
+        return d
 
     def stop(self) -> None:
         """The server is shutting down (a reactor "before shutdown" trigger)."""
