@@ -15,7 +15,7 @@ Here only the clock:
                       never reads its 421, a commit the disk never finishes
 
 The stop is over when the last connection is gone.  A second stop signal
-ends the grace at once (L{Drain.hurry}).
+ends the grace at once, a third the linger (L{Drain.hurry}).
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ class Drain:
         return self._done
 
     def hurry(self) -> None:
-        """End the grace now (a second SIGTERM)."""
+        """End the grace now (a second SIGTERM), or before it starts."""
+        self.grace = 0.0
         if self._timer is not None and self._timer.active():
-            self._timer.reset(0)
+            self._timer.reset(0)  # in the linger (a third signal): abort now
 
     def _grace_over(self) -> None:
         for proto in list(self.connections.sessions):
