@@ -74,6 +74,7 @@ class _Read:
     problems: list
     tls: object = None
     tls_error: str | None = None
+    changes: Changes | None = None
 
 
 class MailguardService(service.MultiService):
@@ -124,14 +125,21 @@ class MailguardService(service.MultiService):
         return d
 
     def _read(self) -> _Read:
-        """Runs in a thread: nothing here touches the running generation."""
+        """Runs in a thread: it reads the running configuration (an
+        immutable value that only a reload replaces, and one reload runs
+        at a time) and changes nothing."""
         config, tables, problems = self.read()
-        if config is None or tables is None or errors(problems) or not self.tls_files:
+        if config is None or tables is None or errors(problems):
             return _Read(config, tables, problems)
+        running = self.context.config
+        changes = diff(running, config)
+        config = pinned(config, running)  # what needs a restart keeps its running value
+        if not self.tls_files:
+            return _Read(config, tables, problems, changes=changes)
         from mailguard.smtpd.tls import TLSConfigError, load_context
 
         try:
-            return _Read(config, tables, problems, tls=load_context(*self.tls_files))
+            return _Read(config, tables, problems, tls=load_context(*self.tls_files), changes=changes)
         except TLSConfigError as e:
             return _Read(config, tables, problems, tls_error=str(e))
 
@@ -149,9 +157,7 @@ class MailguardService(service.MultiService):
             return Reloaded(False, problems)
         if self.drain is not None:  # stopping meanwhile: nothing to serve
             return Reloaded(False, problems)
-        old = self.context
-        changes = diff(old.config, read.config)
-        config = pinned(read.config, old.config)  # what needs a restart keeps its running value
+        old, config, changes = self.context, read.config, read.changes
         cache = getattr(old.greeting, "pass_cache", None)
         if cache is not None and config.greeting_pass_ttl > 0:  # carried on, resized
             cache.ttl, cache.size = config.greeting_pass_ttl, config.greeting_pass_cache_size

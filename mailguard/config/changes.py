@@ -16,6 +16,7 @@ log says what waits for a restart.  Plain values in, values out: no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from operator import attrgetter
 
 from mailguard.config.settings import SCALARS, Configuration
 
@@ -75,9 +76,16 @@ class Changes:
         return "; ".join(parts) if parts else "no change"
 
 
+_GETTERS: dict[type, attrgetter] = {}
+
+
 def _values(record) -> tuple:
     """A record's content without the line it was read from."""
-    return tuple(getattr(record, f.name) for f in fields(record) if f.name != "where")
+    get = _GETTERS.get(type(record))
+    if get is None:
+        names = [f.name for f in fields(record) if f.name != "where"]
+        get = _GETTERS[type(record)] = attrgetter(*names)
+    return get(record)
 
 
 def _count(old: dict, new: dict) -> Counts:
