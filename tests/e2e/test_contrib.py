@@ -7,7 +7,6 @@ configuration, a free port on loopback).
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import smtplib
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TWISTD, USERS, free_port, wait_for_port, write_config
-from tests.e2e.test_lifecycle import RELOADED, Notifications, client, rcpt_code
+from tests.e2e.test_lifecycle import RELOADED, _env, client, notify, rcpt_code, reaped  # noqa: F401 (notify: a fixture)
 
 UNITS = ROOT / "contrib" / "systemd"
 PLAIN = UNITS / "mailguard.service"
@@ -94,30 +93,16 @@ def reload_as_systemd(unit: Path, pid: int) -> None:
     subprocess.run(argv, check=True, timeout=30)
 
 
-def _env(notify: Notifications) -> dict[str, str]:
-    env = {**os.environ, **notify.env}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def start(argv: list[str], tmp: Path, env: dict[str, str]) -> subprocess.Popen:
     """The service's process, its output in C{tmp/journal}."""
     with open(tmp / "journal", "wb") as journal:
         return subprocess.Popen(argv, cwd=str(tmp), env=env, stdout=journal, stderr=subprocess.STDOUT)
 
 
-@pytest.fixture
-def notify(tmp_path):
-    n = Notifications(tmp_path / "notify.sock")
-    yield n
-    n.sock.close()
-
-
 def test_the_plain_units_commands_start_reload_and_stop(tmp_path, notify):
     cfg = write_config(tmp_path / "mailserver.cfg")
     port = free_port()
-    proc = start(command(PLAIN, tmp_path, port, cfg), tmp_path, _env(notify))
-    try:
+    with reaped(start(command(PLAIN, tmp_path, port, cfg), tmp_path, _env(notify.env))) as proc:
         assert notify.until("READY=1").startswith("READY=1\nMAINPID=" + str(proc.pid))
         write_config(cfg, users=USERS + (NEWBIE,))
         reload_as_systemd(PLAIN, proc.pid)
@@ -128,35 +113,37 @@ def test_the_plain_units_commands_start_reload_and_stop(tmp_path, notify):
         assert notify.until("STOPPING=1")
         assert c.getreply()[0] == 421
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     journal = (tmp_path / "journal").read_text()  # twistd -n logs to stdout: the journal
     assert "configuration reloaded" in journal and "Traceback" not in journal
 
 
 def test_the_socket_activated_pair_runs_under_systemd_socket_activate(tmp_path, notify):
+    """The listening socket comes from systemd (here its
+    ``systemd-socket-activate``, which starts the service at the first
+    connection and execs it: the same process); mailguard adopts it by
+    the socket unit's name, on IPv6 loopback as ``ListenStream=25`` is."""
     cfg = write_config(tmp_path / "mailserver.cfg")
     port = free_port()
     name = one(SOCKET, "Socket", "FileDescriptorName")
-    env = _env(notify)
+    env = _env(notify.env)
     argv = ["systemd-socket-activate", "-l", f"[::1]:{port}", f"--fdname={name}",
             "-E", f"PYTHONPATH={env['PYTHONPATH']}", "-E", f"NOTIFY_SOCKET={notify.path}",
             *command(ACTIVATED, tmp_path, port, cfg)]
-    proc = start(argv, tmp_path, env)
-    try:
-        wait_for_port("::1", port, proc)
-        c = smtplib.SMTP("::1", port, timeout=30)  # starts mailguard, which greets it
+    with reaped(start(argv, tmp_path, env)) as proc:
+        wait_for_port("::1", port, proc)  # systemd-socket-activate listens at once
+        c = smtplib.SMTP("::1", port, timeout=30)  # mailguard, started meanwhile, greets it
         assert notify.until("READY=1")
-        assert c.ehlo("client.test")[0] == 250
-        assert c.mail("a@sender.test")[0] == 250 and c.rcpt("john@example.com")[0] == 250
+        c.ehlo("client.test")
+        c.sendmail("a@sender.test", ["john@example.com"], b"Subject: activated\r\n\r\nHi.\r\n")
+        write_config(cfg, users=USERS + (NEWBIE,))
         reload_as_systemd(ACTIVATED, proc.pid)
         assert notify.until("READY=1") == RELOADED
+        assert rcpt_code(c, "newbie@example.com") == 550  # begun before the reload
+        fresh = smtplib.SMTP("::1", port, timeout=30)
+        fresh.ehlo("client.test")
+        assert rcpt_code(fresh, "newbie@example.com") == 250
         proc.send_signal(signal.SIGTERM)
         assert c.getreply()[0] == 421
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    new = tmp_path / "spool" / "mail" / "example.com" / "john" / "Maildir" / "new"
+    assert len(list(new.iterdir())) == 1

@@ -19,12 +19,13 @@ import ssl
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.certs import make_certs
-from tests.conftest import ROOT, TWISTD, USERS, free_port, wait_for_port, write_config
+from tests.conftest import ROOT, TWISTD, USERS, free_port, write_config
 
 NEWBIE = ("newbie", "example.com", "newbie-secret", True)
 RELOADED = "READY=1\nSTATUS=serving (configuration reloaded)"
@@ -302,6 +303,17 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+@contextmanager
+def reaped(proc: subprocess.Popen):
+    """C{proc}, killed on the way out if the test left it running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -341,38 +353,6 @@ def test_daemon_mode_reloads_reopens_and_stops(tmp_path, cfg, notify):
     finally:
         if not _gone(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def test_socket_activation_with_twistds_systemd_endpoint(tmp_path, cfg, notify):
-    """The listening socket comes from systemd (here its
-    ``systemd-socket-activate``, which starts the service at the first
-    connection); mailguard adopts it by name."""
-    port = free_port()
-    log = tmp_path / "twistd.log"
-    env = _env({})
-    cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=smtp",
-           "-E", f"PYTHONPATH={env['PYTHONPATH']}", "-E", f"NOTIFY_SOCKET={notify.path}",
-           TWISTD, "--logfile", str(log), "--pidfile", "", "-n", "mailguard", "--config", str(cfg),
-           "--spool", str(tmp_path / "spool"), "--smtp", "systemd:domain=INET:name=smtp"]
-    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, proc)  # systemd-socket-activate listens at once
-        c = client(port)  # this connection starts mailguard, which then greets it
-        assert notify.until("READY=1")
-        c.sendmail("a@sender.test", ["john@example.com"], b"Subject: activated\r\n\r\nHi.\r\n")
-        write_config(cfg, users=USERS + (NEWBIE,))
-        proc.send_signal(signal.SIGHUP)  # the same process: systemd-socket-activate execs the service
-        assert notify.until("READY=1") == RELOADED
-        assert rcpt_code(c, "newbie@example.com") == 550  # begun before the reload
-        assert rcpt_code(client(port), "newbie@example.com") == 250
-        proc.send_signal(signal.SIGTERM)
-        assert c.getreply()[0] == 421
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert len(list((tmp_path / "spool" / "mail" / "example.com" / "john" / "Maildir" / "new").iterdir())) == 1
 
 
 def _served_certificate(port: int, starttls: bool = False) -> bytes:
