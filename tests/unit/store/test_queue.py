@@ -227,6 +227,26 @@ def test_queue_survives_a_restart(world):
     assert mid not in world.queue.entries
 
 
+def test_a_delivery_in_flight_at_the_stop_is_left_intact_for_the_next_start(world):
+    """A graceful stop (mailguard.lifecycle) stops the queue after the
+    sessions: a delivery still talking to the relay host is cut off, and
+    its entry stays on disk as it was."""
+    world.net.silent.add("DATA")  # the relay host never answers DATA: the delivery hangs
+    mid = world.accept()
+    world.run()
+    assert world.net.verbs("DATA") and world.net.messages == []
+    env = Path(world.queue.disk.active) / f"{mid}.env"
+    before = env.read_bytes()
+    world.queue.stopService()
+    world.run()
+    assert env.read_bytes() == before  # no attempt recorded
+    world.net.silent.clear()
+    world.restart()
+    world.run()
+    [tx] = world.net.messages
+    assert tx.data == BODY and world.active() == []
+
+
 def test_recover_cleans_crash_leftovers(world):
     world.net.up = False
     mid = world.accept()
