@@ -75,6 +75,7 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("SmtpVrfyLimit", "vrfy_limit", parse_uint, False),
     Scalar("SmtpMaxAuthFailures", "max_auth_failures", parse_uint, False),
     Scalar("SecurityLogMaxBytes", "security_log_max_bytes", parse_uint, False),
+    Scalar("SecurityLogGenerations", "security_log_generations", parse_uint, False),
     # gateway mode (mailguard.gateway.gateway; docs/gateway.md)
     Scalar("GatewayEnabled", "gateway_enabled", parse_bool, False),
     Scalar("GatewayDomains", "gateway_domains", parse_domain_list, False),
@@ -123,6 +124,7 @@ class Configuration:
     vrfy_limit: int = 20
     max_auth_failures: int = 5
     security_log_max_bytes: int = 10 * 1024 * 1024
+    security_log_generations: int = 5
     gateway_enabled: bool = False
     gateway_domains: tuple[str, ...] = ()  # empty: every Domain (and alias)
     gateway_backend: tuple[str, int] | None = None  # None: --relay-host
