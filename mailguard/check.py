@@ -1,4 +1,5 @@
-"""``python -m mailguard check FILE [--users FILE]``: validate and summarise."""
+"""``python -m mailguard check FILE [--users FILE]``: validate and summarise
+(the command line itself is L{mailguard.cli})."""
 
 from __future__ import annotations
 
@@ -47,13 +48,15 @@ def summary(config: Configuration, tables: Tables) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailguard")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_command(sub: argparse._SubParsersAction) -> None:
+    """``check`` on the command line of L{mailguard.cli}."""
     check = sub.add_parser("check", help="validate a mailserver.cfg and print a summary")
     check.add_argument("file")
     check.add_argument("--users", default=None, help="users.cfg (default: beside FILE, if present)")
-    args = parser.parse_args(argv)
+    check.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
     config, tables, problems = build.read(args.file, args.users)
     for p in problems:
         if not p.is_error:

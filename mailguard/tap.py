@@ -8,7 +8,9 @@ from twisted.python import usage
 from mailguard.config.problems import ConfigError, errors
 from mailguard.config.values import parse_host_port
 from mailguard.policy import build
+from mailguard.logs import SyslogFacility
 from mailguard.service import DEFAULTS, build_service
+from mailguard.store.control import MAX_PATH, control_path
 
 
 class Options(usage.Options):
@@ -33,6 +35,8 @@ class Options(usage.Options):
         ["spool", None, DEFAULTS["spool"], "Directory for Maildirs, the relay queue and the security log."],
         ["security-log", None, None, "Security log file (default: SPOOL/security.log)."],
         ["relay-host", None, None, "HOST:PORT of the smart host / back-end that relayed and gateway mail goes to."],
+        ["metrics", None, None, "ENDPOINT serving Prometheus metrics at /metrics, e.g. tcp:9125:interface=127.0.0.1. "
+                                "Default: off."],
     ]
 
     def postOptions(self) -> None:
@@ -45,7 +49,10 @@ class Options(usage.Options):
                 parse_host_port(self["relay-host"])
             except ValueError as e:
                 raise usage.UsageError(f"--relay-host: {e}")
-        for name in ("smtp", "smtps", "submission"):
+        if len(control_path(self["spool"]).encode()) > MAX_PATH:
+            raise usage.UsageError(f"--spool: the path is too long for the queue's control socket "
+                                   f"{control_path(self['spool'])!r} (at most {MAX_PATH} bytes)")
+        for name in ("smtp", "smtps", "submission", "metrics"):
             if self[name] and ":" not in self[name]:
                 raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")
         try:
@@ -68,4 +75,9 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    return build_service(options.config, dict(options), reactor, options.tables)
+    top = build_service(options.config, dict(options), reactor, options.tables)
+    twistd = getattr(options, "parent", None)
+    if twistd is not None and twistd.get("syslog"):
+        # twistd --syslog opens syslog as facility user, without the pid.
+        SyslogFacility(twistd.get("prefix") or "mailguard").setServiceParent(top)
+    return top
