@@ -42,6 +42,10 @@ from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredica
 __all__ = ["Line", "emit", "format_fields", "jsonLogger", "syslogLogger", "JsonObserver",
            "SyslogObserver", "SyslogFacility"]
 
+# syslog(3) priorities by twisted.logger level.
+_PRIORITIES = {"debug": 7, "info": 6, "warn": 4, "error": 3, "critical": 2}
+_BY_LEVEL = {level: _PRIORITIES[level.name] for level in LogLevel.iterconstants()}
+
 # A value that needs no quotes: printable ASCII without space, quote or backslash.
 _BARE = re.compile(r'[!#-\[\]-~]+')
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -99,8 +103,10 @@ class Line:
 
 
 def emit(logger: Logger, name: str, fields: dict[str, Any], level: LogLevel = LogLevel.info) -> None:
-    """One event: C{fields} as keys of the event, the text from L{Line}."""
-    logger.emit(level, "{mg_line}", mg_line=Line(name, fields), **fields)
+    """One event: C{fields} as keys of the event, the text from L{Line};
+    C{syslogPriority} for twistd's own ``--syslog`` observer (which would
+    say ``info`` for every level)."""
+    logger.emit(level, "{mg_line}", mg_line=Line(name, fields), syslogPriority=_BY_LEVEL[level], **fields)
 
 
 # -- observers -------------------------------------------------------------------------
@@ -156,8 +162,6 @@ def jsonLogger():
     return _at_least_info(JsonObserver(sys.stdout))
 
 
-# syslog(3) priorities by twisted.logger level.
-_PRIORITIES = {"debug": 7, "info": 6, "warn": 4, "error": 3, "critical": 2}
 LOG_MAIL = 2 << 3
 LOG_PID, LOG_NDELAY = 0x01, 0x08
 

@@ -57,7 +57,6 @@ class MailguardCollector:
     def _families(self) -> list:
         ctx = self.context
         stats = ctx.stats
-        now = ctx.clock.seconds()
         out = []
 
         def counter(name, doc, values, label=None):
@@ -109,7 +108,7 @@ class MailguardCollector:
                   sum(1 for e in entries if e.held))
             oldest = min((e.arrival for e in entries), default=None)
             gauge("mailguard_queue_oldest_age_seconds", "Age of the oldest queued message (0: none).",
-                  max(now - oldest, 0.0) if oldest is not None else 0.0)
+                  max(queue.clock.seconds() - oldest, 0.0) if oldest is not None else 0.0)
             counter("mailguard_relay_deliveries", "Relay attempts per recipient, by result: sent, "
                     "deferred, bounced.", queue.deliveries, "result")
         gateway = self.gateway

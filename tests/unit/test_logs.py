@@ -58,6 +58,9 @@ def test_emit_puts_the_fields_in_the_event_and_formats_lazily():
     assert isinstance(event["mg_line"], Line)
     assert event["log_level"] is LogLevel.info
     assert formatEvent(event) == "accepted session=abc from=a@b to=x@y"
+    assert event["syslogPriority"] == 6  # for twistd --syslog
+    emit(logger, "relay-suspended", {"relay": "mx"}, LogLevel.warn)
+    assert events[1]["syslogPriority"] == 4
 
 
 def test_the_json_record_of_a_mailguard_event():
