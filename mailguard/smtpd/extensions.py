@@ -44,7 +44,7 @@ class Extensions:
         if self._buffer:
             # Plain text pipelined behind STARTTLS (the command injection
             # flaw, CVE-2011-0411 and its kin): never run it inside TLS.
-            log.warn("discarded {n} bytes pipelined after STARTTLS from {ip}",
+            log.warn("discarded {n} bytes pipelined after STARTTLS session={session} ip={ip}", session=self.sid,
                      n=len(self._buffer), ip=self.facts.client_ip)
             self._buffer = b""
         self._send(R.READY_TLS)
@@ -87,7 +87,7 @@ class Extensions:
         try:
             step(arg)
         except Exception as e:
-            log.error("internal error in AUTH: {exc}", exc=type(e).__name__)
+            log.error("internal error in AUTH: {exc} session={session}", exc=type(e).__name__, session=self.sid)
             self._auth_internal_error()
 
     def _auth_step(self, step) -> None:

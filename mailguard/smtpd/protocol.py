@@ -26,6 +26,7 @@ from mailguard.smtpd import sessionlog
 from mailguard.smtpd.events import DATA
 from mailguard.smtpd.session import ServerSession
 from mailguard.smtpd.sasl import CramMD5Credentials
+from mailguard.store.envelope import queue_id
 
 log = Logger()
 
@@ -253,7 +254,7 @@ class MailguardESMTP(Protocol):
         """Hand C{d}'s result to the session."""
         def failed(failure):
             if not logged:
-                log.failure("internal error in {what}", failure, what=what)
+                log.failure("internal error in {what} session={session}", failure, what=what, session=self.sid)
             self._failed()
 
         d.addCallbacks(self._answered, failed)
@@ -265,7 +266,7 @@ class MailguardESMTP(Protocol):
         try:
             self.smtp.answer(result)
         except Exception:
-            log.failure("internal error taking a result")
+            log.failure("internal error taking a result session={session}", session=self.sid)
             self.smtp.failed()
         self._run()
 
@@ -279,7 +280,7 @@ class MailguardESMTP(Protocol):
             self._message = self.smtp.context.store.begin(event.envelope)
             self._message.write(event.header)
         except OSError:
-            log.failure("cannot open message file")
+            log.failure("cannot open message file session={session}", session=self.sid)
             self._abort_message()
             self.smtp.failed()
         else:
@@ -289,7 +290,7 @@ class MailguardESMTP(Protocol):
         try:
             self._message.write(data)
         except OSError:
-            log.failure("cannot write message")
+            log.failure("cannot write message session={session}", session=self.sid)
             self.smtp.message_failed()
             return
         if self._normal_read_size is None and self.smtp.message_size > BIG_READ_AFTER:
@@ -318,7 +319,8 @@ class MailguardESMTP(Protocol):
             self._answered(result)
 
         def failed(failure):
-            log.failure("cannot store message {id}", failure, id=event.envelope.message_id)
+            log.failure("cannot store message queue={queue} session={session}", failure,
+                        queue=queue_id(event.envelope.message_id), session=self.sid)
             message.abort()
             self._failed()
 
@@ -344,7 +346,8 @@ class MailguardESMTP(Protocol):
             return d.addCallback(lambda who: who if ok else None)
 
         def typed(failure):
-            log.error("internal error in AUTH: {exc}", exc=failure.type.__name__)
+            log.error("internal error in AUTH: {exc} session={session}", exc=failure.type.__name__,
+                      session=self.sid)
             return failure
 
         self._wait(defer.maybeDeferred(check).addErrback(typed), "AUTH", logged=True)

@@ -296,7 +296,7 @@ class ServerSession(Extensions):
         try:
             getattr(self, "smtp_" + name)(arg)
         except Exception:
-            log.failure("error handling {verb}", verb=name)
+            log.failure("error handling {verb} session={session}", verb=name, session=self.sid)
             self._send(R.LOCAL_ERROR)
 
     # -- session commands -----------------------------------------------------------------
