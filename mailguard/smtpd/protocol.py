@@ -169,13 +169,11 @@ class MailguardESMTP(Protocol):
             self._cancel(name)
         self._abort_message()
         self.closed = True
-        smtp = self.smtp
-        if smtp is not None:
-            smtp.connection_lost()
+        if self.smtp is not None:
+            self.smtp.connection_lost()
+        if self.opened is not None:
             sessionlog.disconnect(self.sid, self.opened, ctx.clock.seconds() - self._connected_at, self._outcome,
-                                  smtp.commands, smtp.refusals, smtp.messages)
-        elif self.opened is not None:
-            sessionlog.disconnect(self.sid, self.opened, ctx.clock.seconds() - self._connected_at, self._outcome)
+                                  self.smtp)
         ctx.connections.close(self, self.opened)
 
     def _cancel(self, name: str) -> None:

@@ -91,8 +91,10 @@ def accepted(sid: str, facts: Session, queue_id: str, envelope, size: int) -> No
                            "size": size, "tls": facts.tls, "user": facts.authenticated, "helo": facts.helo})
 
 
-def disconnect(sid: str, facts: Session, duration: float, outcome: str, commands: int = 0,
-               refusals: int = 0, messages: int = 0) -> None:
+def disconnect(sid: str, facts: Session, duration: float, outcome: str, smtp=None) -> None:
+    """C{smtp}: the session's state machine (its counts), None if it
+    never had one (held, refused)."""
+    counts = (smtp.commands, smtp.refusals, smtp.messages) if smtp is not None else (0, 0, 0)
     emit(log, "disconnect", {"session": sid, "ip": facts.client_ip, "duration": duration,
-                             "outcome": outcome, "commands": commands, "refusals": refusals,
-                             "messages": messages})
+                             "outcome": outcome, "commands": counts[0], "refusals": counts[1],
+                             "messages": counts[2]})
