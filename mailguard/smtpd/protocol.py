@@ -9,8 +9,9 @@ that answer with Deferreds, and the slow-down after a failed AUTH.
 
 A connection held in the greeting delay is the cheap case thousands of
 times over: it has no state machine yet (one is made when the greeting is
-sent), only its facts and one delayed call; everything else is an
-immutable class default until it changes.
+sent), only its facts, its session id, when it connected and one
+delayed call; everything else is an immutable class default until it
+changes.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class MailguardESMTP(Protocol):
     """One SMTP connection.  Made by L{mailguard.smtpd.factory.MailguardFactory}."""
 
     # Immutable defaults: while held, the instance dict holds only the
-    # factory, the transport, the facts and the hold.
+    # factory, the transport, the facts, the session id, the connect time
+    # and the hold.
     smtp: ServerSession | None = None  # made when the greeting is sent
     opened: Session | None = None  # the facts at connect (IP, port, listener never change)
     closed = False
