@@ -37,16 +37,17 @@ __all__ = ["MailguardCollector", "metrics_site", "registry_for"]
 class MailguardCollector:
     """Every mailguard metric, read at scrape time.
 
-    @param context: the L{mailguard.smtpd.context.ServerContext}.
+    @param current: the current L{mailguard.smtpd.context.ServerContext}
+        (a reload makes a new one; its counters carry on).
     @param queue: the relay queue, or None.
     @param gateway: the L{mailguard.gateway.gateway.Gateway}, or None.
     @param on_reactor: C{f -> f()} run on the reactor thread (the WSGI
         application runs in a pool thread); direct by default (tests).
     """
 
-    def __init__(self, context, queue=None, gateway=None,
+    def __init__(self, current: Callable[[], object], queue=None, gateway=None,
                  on_reactor: Callable[[Callable], object] = lambda f: f()) -> None:
-        self.context = context
+        self.current = current
         self.queue = queue
         self.gateway = gateway
         self.on_reactor = on_reactor
@@ -55,7 +56,7 @@ class MailguardCollector:
         return self.on_reactor(self._families)
 
     def _families(self) -> list:
-        ctx = self.context
+        ctx = self.current()
         stats = ctx.stats
         out = []
 

@@ -11,8 +11,8 @@ from mailguard.config.problems import errors
 from mailguard.config.values import parse_host_port
 from mailguard.policy import build
 from mailguard.logs import SyslogFacility
-from mailguard.policy.checks import findings
 from mailguard.service import DEFAULTS, build_service
+from mailguard.signals import ProcessSignals
 from mailguard.store.control import MAX_PATH, control_path
 
 log = Logger()
@@ -62,10 +62,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")
         # Errors refuse to start, one FILE:LINE line each; warnings (the
         # reading's and the rules') are logged once logging has begun.
-        config, tables, problems = build.read(self["config"], self["users"])
-        if config is not None and tables is not None:
-            problems = problems + findings(config, tables, relay_host=self["relay-host"],
-                                           startup=True)
+        config, tables, problems = build.read_checked(self["config"], self["users"],
+                                                      relay_host=self["relay-host"])
         if errors(problems) or config is None or tables is None:
             raise usage.UsageError("\n".join(str(p) for p in errors(problems)))
         self.config, self.tables = config, tables
@@ -89,4 +87,5 @@ def makeService(options: Options):
     if twistd is not None and twistd.get("syslog"):
         # twistd --syslog opens syslog as facility user, without the pid.
         SyslogFacility(twistd.get("prefix") or "mailguard").setServiceParent(top)
+    ProcessSignals(top, reactor).setServiceParent(top)  # last: it says READY once all listen
     return top

@@ -43,18 +43,25 @@ class Twistd:
     output (a JSON log, say), instead of a pipe nobody reads."""
 
     def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None,
+                 env: dict[str, str] | None = None, logfile: bool = True,
                  twistd_args: tuple[str, ...] = (), stdout: Path | None = None):
+        """C{env}: more environment variables; C{logfile=False}: twistd
+        logs to its standard output (kept in C{self.logfile} all the same)."""
         self.tmp = tmp
         self.port = smtp_port
         self.spool = tmp / "spool"
         self.logfile = tmp / "twistd.log"
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [TWISTD, "--logfile", str(self.logfile), *twistd_args,
-               "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool), *args]
-        out = open(stdout, "ab") if stdout is not None else subprocess.PIPE
-        self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=out, stderr=subprocess.STDOUT)
+        log_args = ["--logfile", str(self.logfile)] if logfile else []
+        cmd = [TWISTD, *log_args, *twistd_args, "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool),
+               *args]
         if stdout is not None:
+            out = open(stdout, "ab")
+        else:
+            out = subprocess.PIPE if logfile else open(self.logfile, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=out, stderr=subprocess.STDOUT)
+        if out is not subprocess.PIPE:
             out.close()
         try:
             wait_for_port("127.0.0.1", wait_port or smtp_port, self.proc)

@@ -77,6 +77,10 @@ class MailguardESMTP(Protocol):
         self.sid = sessionlog.new_session_id()
         self._connected_at = ctx.clock.seconds()
         refusal = ctx.connections.open(self, facts)
+        if refusal is None and ctx.connections.stopping:  # accepted as the listeners closed
+            sessionlog.connect(self.sid, facts, None)
+            self._outcome = "shutdown"
+            return self._turn_away(R.SHUTTING_DOWN, None)
         if refusal is not None:
             sessionlog.connect(self.sid, facts, None)
             ctx.stats.connections["limit"] += 1
@@ -177,6 +181,22 @@ class MailguardESMTP(Protocol):
             sessionlog.disconnect(self.sid, self.opened, ctx.clock.seconds() - self._connected_at, self._outcome,
                                   self.smtp)
         ctx.connections.close(self, self.opened)
+
+    def shut_down(self, force: bool = False) -> bool:
+        """The server is stopping (L{mailguard.smtpd.drain}): a held client
+        is told ``421 4.3.2`` at once; a session decides for itself
+        (L{ServerSession.shut_down}).  True while the connection stays
+        open to finish a message."""
+        if self.closed:
+            return False
+        if self.smtp is None:
+            self._cancel("_hold")
+            self._outcome = "shutdown"
+            self._turn_away(R.SHUTTING_DOWN, None)
+            return False
+        staying = self.smtp.shut_down(force)
+        self._run()
+        return staying
 
     def _cancel(self, name: str) -> None:
         call = getattr(self, name)

@@ -30,7 +30,7 @@ def ctx(tmp_path):
 
 
 def test_counters_and_gauges_of_the_sessions(ctx):
-    collector = MailguardCollector(ctx)
+    collector = MailguardCollector(lambda: ctx)
     m = samples(collector)
     assert m[("mailguard_connections_total", ("outcome", "greeted"))] == 0
     assert m[("mailguard_connections_held",)] == 0 and m[("mailguard_sessions",)] == 0
@@ -69,7 +69,7 @@ def test_the_queue_and_the_gateway(tmp_path, ctx):
     class Gateway:
         hits, misses, errors = 7, 3, 2
 
-    m = samples(MailguardCollector(ctx, w.queue, Gateway()))
+    m = samples(MailguardCollector(lambda: ctx, w.queue, Gateway()))
     assert m[("mailguard_queue_messages",)] == 1
     assert m[("mailguard_queue_oldest_age_seconds",)] == pytest.approx(90.0)
     assert m[("mailguard_relay_deliveries_total", ("result", "deferred"))] == 1
@@ -80,7 +80,7 @@ def test_the_queue_and_the_gateway(tmp_path, ctx):
 
 
 def test_a_registry_of_its_own(ctx):
-    registry_for(MailguardCollector(ctx))
+    registry_for(MailguardCollector(lambda: ctx))
     assert "mailguard_sessions" not in generate_latest(REGISTRY).decode()
 
 
@@ -99,5 +99,5 @@ def test_reading_happens_on_the_reactor_thread(ctx):
         calls.append(f)
         return f()
 
-    samples(MailguardCollector(ctx, on_reactor=on_reactor))
+    samples(MailguardCollector(lambda: ctx, on_reactor=on_reactor))
     assert len(calls) == 1
