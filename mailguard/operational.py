@@ -13,8 +13,12 @@ themselves.)
 from __future__ import annotations
 
 import errno
+from typing import Any
 
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
+
+from mailguard.logs import Line, emit
 
 __all__ = ["EXPECTED_ERRNOS", "describe", "is_operational", "named", "report"]
 
@@ -32,16 +36,14 @@ def is_operational(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in EXPECTED_ERRNOS
 
 
-def describe(error: OSError) -> str:
-    """``No space left on device (ENOSPC): /spool/incoming/1234`` -- the
-    errno text, its name and the path, on one line."""
+def describe(error: OSError) -> tuple[str, str | None]:
+    """(``No space left on device (ENOSPC)``, ``/spool/incoming/1234``):
+    the errno text and its name, and the path (two joined by ``->``), or
+    None."""
     name = errno.errorcode.get(error.errno or 0, "")
-    text = error.strerror or str(error)
-    out = f"{text} ({name})" if name else text
-    paths = [p for p in (error.filename, getattr(error, "filename2", None)) if p]
-    if paths:
-        out += ": " + " -> ".join(str(p) for p in paths)
-    return " ".join(out.split())
+    text = " ".join((error.strerror or str(error)).split())
+    paths = [str(p) for p in (error.filename, getattr(error, "filename2", None)) if p]
+    return (f"{text} ({name})" if name else text), (" -> ".join(paths) or None)
 
 
 def named(error: OSError, path: str) -> OSError:
@@ -53,18 +55,19 @@ def named(error: OSError, path: str) -> OSError:
     return error
 
 
-def report(logger, failure: Failure | None, what: str, then: str, /, **fields) -> None:
-    """Log C{failure} (by default the exception being handled) under
-    C{what}: one error line ending with C{then} -- what happens next -- for
-    an expected operational error; with its traceback for anything else.
+def report(logger, failure: Failure | None, event: str, fields: dict[str, Any], then: str) -> None:
+    """Log C{failure} (by default the exception being handled) as the
+    mailguard event C{event} (L{mailguard.logs.emit}) with C{fields}: for an
+    expected operational error, one error line that adds ``error`` (the
+    errno text), ``path`` and ``then`` (what happens next); for anything
+    else, the same fields and the traceback::
 
-    C{what} and C{then} are C{twisted.logger} formats (C{fields} fill
-    them); the error's own text goes in a field, so a path with braces in
-    it cannot break the line.
+        store-failed session=5f3a9c000001 ip=192.0.2.7 queue=M1P2Q0 error="No space left on device (ENOSPC)" path=/spool/incoming/1.M1P2Q0.mx then="452 4.3.1 sent; the client will retry"
     """
     if failure is None:
         failure = Failure()
     if is_operational(failure.value):
-        logger.error(what + ": {error}; " + then, error=describe(failure.value), **fields)
+        error, path = describe(failure.value)
+        emit(logger, event, {**fields, "error": error, "path": path, "then": then}, LogLevel.error)
     else:
-        logger.failure(what, failure, **fields)
+        logger.failure("{mg_line}", failure, mg_line=Line(event, fields), **fields)

@@ -198,12 +198,12 @@ MUTATIONS: tuple[Mutation, ...] = (
              "            end = empty", (T + "smtpd/test_hops.py",)),
     # --- operational errors -------------------------------------------------------------------
     Mutation("seclog-write-error-swallowed", "mailguard/smtpd/seclog.py",
-             'd.addErrback(lambda f, n=len(lines): report(log, f, "security log write failed",',
-             'd.addErrback(lambda f, n=len(lines): None and report(log, f, "security log write failed",',
+             'd.addErrback(lambda f, n=len(lines): report(log, f, "security-log-failed",',
+             'd.addErrback(lambda f, n=len(lines): None and report(log, f, "security-log-failed",',
              (T + "smtpd/test_seclog.py",)),
     Mutation("full-disk-traceback", "mailguard/operational.py",
-             "    if is_operational(failure.value):\n        logger.error",
-             "    if False:\n        logger.error", (T + "test_operational.py",)),
+             "    if is_operational(failure.value):\n        error, path = describe(failure.value)",
+             "    if False:\n        error, path = describe(failure.value)", (T + "test_operational.py",)),
 )
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections import deque
 
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from mailguard.gateway.client import BackendUnavailable, VrfyClient, as_unavailable
+from mailguard.logs import emit
 
 __all__ = ["BackendPool"]
 
@@ -199,9 +200,9 @@ class BackendPool:
             self._down_reason = reason
             if not self._down:
                 self._down = True
-                log.warn("gateway back-end {name} unreachable ({reason}): its recipients get 450 4.4.1 "
-                         "until it answers; a new connection is tried after {s:g} s",
-                         name=self.name, reason=reason, s=self.retry_interval)
+                emit(log, "gateway-unreachable", {"backend": self.name, "reason": reason,
+                                                  "then": "its recipients get 450 4.4.1 until it answers",
+                                                  "seconds": self.retry_interval}, LogLevel.warn)
             if not self._clients and not self._connecting:
                 self._fail_waiting(reason)
             return
@@ -210,7 +211,7 @@ class BackendPool:
         self._down_until = 0.0
         if self._down:
             self._down = False
-            log.info("gateway back-end {name} reachable again", name=self.name)
+            emit(log, "gateway-reachable", {"backend": self.name})
         if client.lost:
             return
         client.on_lost = self._lost

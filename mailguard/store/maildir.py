@@ -260,9 +260,9 @@ class MaildirStore:
                 self.relay.enqueued(committed.entry)
             for env, data in committed.notices:
                 self.inject(env, lambda data=data: data).addErrback(
-                    lambda f, env=env: report(log, f, "cannot store a delivery notification to <{to}>",
-                                              "it is lost (the message itself was delivered)",
-                                              to=",".join(env.mailboxes + env.relay_recipients)))
+                    lambda f, env=env: report(log, f, "dsn-store-failed",
+                                              {"to": ",".join(env.mailboxes + env.relay_recipients)},
+                                              "the notification is lost (the message itself was delivered)"))
             return committed.message_id
 
         d.addCallback(durable)

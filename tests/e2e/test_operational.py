@@ -85,11 +85,11 @@ def test_a_full_disk_is_452_one_line_each_and_mail_is_accepted_again(tmpfs_spool
     assert "Traceback" not in log
     full = [line for line in log.splitlines() if "No space left on device" in line]
     assert len(full) == 2, log
-    incoming = f"(ENOSPC): {tmpfs_spool / 'incoming'}/"
-    assert "cannot store message " in full[0] and incoming in full[0]
-    assert full[0].endswith("; 452 4.3.1 sent; the client will retry")
-    assert "cannot store a message from 127.0.0.3: " in full[1] and incoming in full[1]
-    assert full[1].endswith("; 452 4.3.1 at the final dot; the client will retry")
+    incoming = f'error="No space left on device (ENOSPC)" path={tmpfs_spool / "incoming"}/'
+    assert " store-failed session=" in full[0] and " ip=127.0.0.3 queue=" in full[0] and incoming in full[0]
+    assert full[0].endswith(' then="452 4.3.1 sent; the client will retry"')
+    assert " store-failed session=" in full[1] and incoming in full[1]
+    assert full[1].endswith(' then="452 4.3.1 at the final dot; the client will retry"')
 
 
 def test_a_down_back_end_and_relay_host_are_one_line_each(twistd, tmp_path):
@@ -106,18 +106,18 @@ def test_a_down_back_end_and_relay_host_are_one_line_each(twistd, tmp_path):
         code, text = c.rcpt("x@backend.test")
         assert (code, text[:5]) == (450, b"4.4.1")
     assert send(server.port, MESSAGE, rcpt="far@remote.test", source="127.0.0.2") == {}  # trusted: queued
-    assert wait_for(lambda: "next attempt in" in server.output())
+    assert wait_for(lambda: " result=deferred " in server.output())
     server.stop()
     log = server.output()
     assert "Traceback" not in log
     refused = "Connection was refused by other side: 111: Connection refused."
-    [gateway] = [line for line in log.splitlines() if "gateway back-end" in line and "unreachable" in line]
-    assert gateway.endswith(f"gateway back-end 127.0.0.1:{backend} unreachable (cannot connect to the back-end: "
-                            f"{refused}): its recipients get 450 4.4.1 until it answers; "
-                            "a new connection is tried after 1 s")
-    [host] = [line for line in log.splitlines() if "relay host" in line]
-    assert host.endswith(f"relay host 127.0.0.1:{relay} unreachable (connect to 127.0.0.1: {refused}): "
-                         "deliveries suspended for 300 s")
-    [deferred] = [line for line in log.splitlines() if "deferred" in line]
-    assert deferred.endswith(f"to <far@remote.test>: deferred (X-mailguard; connect to 127.0.0.1: {refused}); "
-                             "next attempt in 300 s")
+    [gateway] = [line for line in log.splitlines() if " gateway-unreachable " in line]
+    assert gateway.endswith(f' gateway-unreachable backend=127.0.0.1:{backend} reason="cannot connect to the '
+                            f'back-end: {refused}" then="its recipients get 450 4.4.1 until it answers" seconds=1.000')
+    [host] = [line for line in log.splitlines() if " relay-suspended " in line]
+    assert host.endswith(f' relay-suspended relay=127.0.0.1 reason="connect to 127.0.0.1: {refused}" '
+                         f"seconds=300.000 port={relay}")
+    [deferred] = [line for line in log.splitlines() if " result=deferred " in line]
+    assert " to=far@remote.test relay=127.0.0.1 result=deferred status=4.4.1 " \
+        f'reply="X-mailguard; connect to 127.0.0.1: {refused}" attempts=1 ' in deferred
+    assert deferred.endswith(" retry=300.000")

@@ -325,6 +325,8 @@ def test_e2e_verified_tls_refuses_an_unknown_certificate(twistd, mailguard_backe
     assert len(os.listdir(server.spool / "queue" / "active")) == 2
     # deferred for the certificate, not for anything else
     reason = "TLS handshake failed: [('SSL routines', '', 'certificate verify failed')]"
-    assert f"to <sam@remote.test>: deferred (X-mailguard; {reason}); next attempt in" in server.output()
+    [deferred] = [line for line in server.output().splitlines() if " result=deferred " in line]
+    assert f' to=sam@remote.test relay=localhost result=deferred status=4.4.1 reply="X-mailguard; {reason}" ' \
+        in deferred
     [env] = [json.loads(p.read_text()) for p in (server.spool / "queue" / "active").glob("*.env")]
     assert reason in env["recipients"][0]["diagnostic"]

@@ -19,6 +19,7 @@ from twisted.logger import LogLevel, formatEvent
 
 from mailguard.gateway.pool import BackendPool
 from mailguard.operational import describe, is_operational, report
+from mailguard.store.envelope import queue_id
 from mailguard.store.maildir import IncomingMessage
 from mailguard.testing import FakeSMTPBackend, LogCapture, connect
 from tests.helpers_context import maildir_messages, make_context
@@ -28,24 +29,41 @@ JOHN = "john@example.com"
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def one_line(logs: LogCapture) -> str:
-    """The only event logged, formatted; it carries no traceback."""
-    [event] = logs.events
-    assert "log_failure" not in event and "Traceback" not in logs.text()
-    assert event["log_level"] in (LogLevel.warn, LogLevel.error)
-    text = formatEvent(event)
-    assert "\n" not in text
-    return text
+def one_line(logs: LogCapture) -> dict:
+    """The only warning or error logged (the session's own info events
+    aside): one line, no traceback anywhere."""
+    assert "Traceback" not in logs.text() and not any("log_failure" in e for e in logs.events)
+    [event] = [e for e in logs.events if e["log_level"] in (LogLevel.warn, LogLevel.error)]
+    assert "\n" not in formatEvent(event)
+    return event
+
+
+def fields(event: dict, *names: str) -> tuple:
+    return tuple(event.get(n) for n in names)
 
 
 # --- describe and report ------------------------------------------------------------------
 
 def test_describe_names_the_error_and_the_path():
     e = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/spool/incoming/1")
-    assert describe(e) == "Disk quota exceeded (EDQUOT): /spool/incoming/1"
+    assert describe(e) == ("Disk quota exceeded (EDQUOT)", "/spool/incoming/1")
     e = OSError(errno.EMLINK, os.strerror(errno.EMLINK), "/a", None, "/b")
-    assert describe(e) == "Too many links (EMLINK): /a -> /b"
-    assert describe(OSError(errno.EIO, "Input/output error")) == "Input/output error (EIO)"
+    assert describe(e) == ("Too many links (EMLINK)", "/a -> /b")
+    assert describe(OSError(errno.EIO, "Input/output error")) == ("Input/output error (EIO)", None)
+
+
+def test_report_is_one_event_line():
+    from twisted.logger import Logger
+
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/spool/incoming/1 x")
+    except OSError:
+        with LogCapture() as logs:
+            report(Logger(), None, "store-failed", {"ip": "192.0.2.7"}, "452 4.3.1 sent; the client will retry")
+    event = one_line(logs)
+    assert formatEvent(event) == ('store-failed ip=192.0.2.7 error="No space left on device (ENOSPC)" '
+                                  'path="/spool/incoming/1 x" then="452 4.3.1 sent; the client will retry"')
+    assert event["log_level"] == LogLevel.error
 
 
 @pytest.mark.parametrize("error, expected", [
@@ -68,9 +86,10 @@ def test_report_keeps_the_traceback_of_a_bug():
         raise KeyError("a bug")
     except KeyError:
         with LogCapture() as logs:
-            report(log, None, "cannot do {what}", "nothing", what="it")
+            report(log, None, "store-failed", {"what": "it"}, "nothing")
     [event] = logs.events
     assert event["log_failure"].check(KeyError)
+    assert formatEvent(event) == "store-failed what=it"
     assert "Traceback" in logs.text()
 
 
@@ -107,11 +126,13 @@ def test_a_full_disk_at_the_final_dot_is_452_and_one_line(tmp_path, monkeypatch)
     with LogCapture() as logs:
         out = send(s, b"Subject: full\r\n\r\nno room\r\n")
     assert s.codes(out) == ["452 4.3.1"]
-    line = one_line(logs)
+    event = one_line(logs)
     incoming = os.path.join(ctx.store.spool, "incoming")
-    assert line.startswith("cannot store message ") and " from 127.0.0.3: No space left on device (ENOSPC): " \
-        f"{incoming}/" in line
-    assert line.endswith("; 452 4.3.1 sent; the client will retry")
+    assert formatEvent(event).startswith("store-failed session=")
+    assert fields(event, "ip", "error", "then") == (
+        "127.0.0.3", "No space left on device (ENOSPC)", "452 4.3.1 sent; the client will retry")
+    assert event["path"] == os.path.join(incoming, event["path"].rpartition("/")[2])
+    assert event["path"].endswith("." + event["queue"] + "." + event["path"].rpartition(".")[2])
     assert os.listdir(incoming) == [] and maildir_messages(ctx, JOHN) == []
     monkeypatch.undo()  # room again: the next message is stored
     assert s.codes(send(s, b"Subject: again\r\n\r\nroom\r\n")) == ["250 2.0.0"]
@@ -128,9 +149,10 @@ def test_a_full_disk_while_a_large_message_arrives_is_452_at_the_dot(tmp_path, m
     with LogCapture() as logs:
         out = send(s, big)
     assert s.codes(out) == ["452 4.3.1"]
-    line = one_line(logs)
-    assert line.startswith("cannot store a message from 127.0.0.3: No space left on device (ENOSPC): ")
-    assert line.endswith("; 452 4.3.1 at the final dot; the client will retry")
+    event = one_line(logs)
+    assert fields(event, "ip", "error", "then") == (
+        "127.0.0.3", "No space left on device (ENOSPC)", "452 4.3.1 at the final dot; the client will retry")
+    assert event["path"].startswith(os.path.join(ctx.store.spool, "incoming") + "/")
     assert os.listdir(os.path.join(ctx.store.spool, "incoming")) == []
 
 
@@ -147,8 +169,9 @@ def test_a_bug_in_the_store_keeps_its_traceback(tmp_path, monkeypatch):
     with LogCapture() as logs:
         out = send(s, b"Subject: bug\r\n\r\nbody\r\n")
     assert s.codes(out) == ["452 4.3.1"]
-    [event] = logs.events
+    [event] = [e for e in logs.events if "log_failure" in e]
     assert event["log_failure"].check(TypeError) and "Traceback" in logs.text()
+    assert formatEvent(event).startswith("store-failed session=")
 
 
 # --- the relay host and the gateway back-end, down ----------------------------------------
@@ -162,11 +185,11 @@ def test_a_refused_relay_host_is_one_warning_and_one_line_per_recipient(tmp_path
         world.run()
     assert "Traceback" not in logs.text()
     lines = [formatEvent(e) for e in logs.events]
+    refused = "connect to relay.test: Connection was refused by other side: refused."
     assert lines == [
-        "relay host relay.test:25 unreachable (connect to relay.test: Connection was refused by other side: "
-        "refused.): deliveries suspended for 300 s",
-        f"relay {msg_id} to <x@remote.test>: deferred (X-mailguard; connect to relay.test: Connection was "
-        "refused by other side: refused.); next attempt in 300 s",
+        f'relay-suspended relay=relay.test reason="{refused}" seconds=300.000 port=25',
+        f"relay queue={queue_id(msg_id)} to=x@remote.test relay=relay.test result=deferred status=4.4.1 "
+        f'reply="X-mailguard; {refused}" attempts=1 delay=0.000 retry=300.000',
     ]
     world.queue.stopService()
 
@@ -192,8 +215,9 @@ def test_a_down_gateway_back_end_is_one_warning(trouble, reason):
             pool.lookup(JOHN).addErrback(failures.append)
         clock.advance(10)
     assert len(failures) == 3
-    assert one_line(logs) == (f"gateway back-end backend.test:25 unreachable ({reason}): its recipients get "
-                              "450 4.4.1 until it answers; a new connection is tried after 1 s")
+    assert formatEvent(one_line(logs)) == (
+        f'gateway-unreachable backend=backend.test:25 reason="{reason}" '
+        'then="its recipients get 450 4.4.1 until it answers" seconds=1.000')
 
 
 def test_a_silent_relay_host_times_out_in_one_line(tmp_path):
@@ -209,8 +233,8 @@ def test_a_silent_relay_host_times_out_in_one_line(tmp_path):
         world.run(120)
     assert "Traceback" not in logs.text()
     assert [formatEvent(e) for e in logs.events] == [
-        "relay host relay.test:25 unreachable (timeout waiting for the relay host): deliveries suspended for 300 s",
-        f"relay {msg_id} to <x@remote.test>: deferred (X-mailguard; timeout waiting for the relay host); "
-        "next attempt in 300 s",
+        'relay-suspended relay=relay.test reason="timeout waiting for the relay host" seconds=300.000 port=25',
+        f"relay queue={queue_id(msg_id)} to=x@remote.test relay=relay.test result=deferred status=4.4.1 "
+        'reply="X-mailguard; timeout waiting for the relay host" attempts=1 delay=120.000 retry=300.000',
     ]
     world.queue.stopService()

@@ -9,6 +9,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.logger import formatEvent
 
 from mailguard.smtpd.hops import ReceivedCounter
 from mailguard.testing import LogCapture, connect
@@ -111,8 +112,11 @@ def test_sixty_received_fields_are_refused_with_554_5_4_6_and_logged(tmp_path):
     assert s.codes(out) == ["554 5.4.6", "250 2.0.0"]  # answered at the final dot; the session goes on
     assert out.startswith(b"554 5.4.6 Too many hops (Received header fields): mail loop\r\n")
     assert maildir_messages(ctx, JOHN) == []
-    assert "mail loop: message from <a@sender.test> (127.0.0.3) to ['john@example.com'] has at least 60 Received " \
-           "header fields (SmtpHopCountLimit 50); refused with 554 5.4.6 at the final dot" in logs.text()
+    [reject] = [formatEvent(e) for e in logs.events if e.get("code") == 554]
+    assert reject.startswith("reject session=") and reject.endswith(
+        ' ip=127.0.0.3 command=DATA code=554 status=5.4.6 reason="Too many hops (Received header fields): mail loop" '
+        'helo=client.test from=a@sender.test detail="mail loop: at least 60 Received header fields '
+        '(SmtpHopCountLimit 50)"')
     assert s.codes(send(s, message(3))) == ["250 2.0.0", "250 2.0.0"]  # the next message is fine
 
 
