@@ -37,6 +37,18 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float =
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def eventually(predicate, timeout: float = 30.0):
+    """Poll until C{predicate()} is true, and return its value (false after
+    C{timeout}): bounded polling instead of a sleep, with a timeout that
+    only a broken test reaches, never a slow machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
 class Twistd:
     """A real ``twistd -n mailguard`` process.  C{twistd_args} go before
     ``mailguard`` (``--logger ...``); C{stdout}: a file for its standard

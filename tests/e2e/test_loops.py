@@ -13,27 +13,16 @@ its ``--relay-host``; ``loop.test`` is local to neither.
 from __future__ import annotations
 
 import smtplib
-import time
 
 import pytest
 
-from tests.conftest import GROUPS, Twistd, free_port, write_config
+from tests.conftest import GROUPS, Twistd, eventually, free_port, write_config
 from tests.unit.store.world import parse_report
 
 
 def received(n: int) -> bytes:
     return b"".join(b"Received: from hop%d.test by relay%d.test; Mon, 1 Jan 2026 00:00:00 +0000\r\n" % (i, i)
                     for i in range(n))
-
-
-def wait_for(predicate, timeout: float = 30.0):
-    """Poll until C{predicate()} is true (the timeout only fails a broken run)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +60,7 @@ def test_sixty_received_fields_are_refused_on_the_wire(pair):
         assert c.sendmail("a@sender.test", ["jane@example.com"], received(3) + b"Subject: ok\r\n\r\nfine\r\n") == {}
     [stored] = a.maildir_files("jane@example.com")
     assert stored.read_bytes().endswith(b"fine\r\n")
-    assert wait_for(lambda: ' ip=127.0.0.3 command=DATA code=554 status=5.4.6 reason="Too many hops (Received header '
+    assert eventually(lambda: ' ip=127.0.0.3 command=DATA code=554 status=5.4.6 reason="Too many hops (Received header '
                     'fields): mail loop" helo=client.test from=a@sender.test detail="mail loop: at least 60 Received '
                     'header fields (SmtpHopCountLimit 50)"' in a.output())
 
@@ -84,7 +73,7 @@ def test_two_servers_relaying_to_each_other_stop_the_loop_and_bounce(pair):
     # The 51st transaction (A receiving a message with 50 Received fields)
     # is refused; B, whose delivery failed, bounces to the sender: the
     # bounce goes to A, where john@example.com is local.
-    assert wait_for(lambda: a.maildir_files("john@example.com")), (a.output()[-2000:], b.output()[-2000:])
+    assert eventually(lambda: a.maildir_files("john@example.com")), (a.output()[-2000:], b.output()[-2000:])
     [bounce] = a.maildir_files("john@example.com")
     msg, parts, per_message, [r] = parse_report(bounce.read_bytes())
     assert (r["Final-Recipient"], r["Action"], r["Status"]) == ("rfc822; x@loop.test", "failed", "5.4.6")
@@ -93,7 +82,7 @@ def test_two_servers_relaying_to_each_other_stop_the_loop_and_bounce(pair):
         parts[2].get_payload()[0].as_bytes()
     assert returned.count(b"Received: from ") == 50  # as B had it: 50 hops, not one more
     # Nothing circles any more: both queues drain, and A logged the loop.
-    assert wait_for(lambda: not list((a.spool / "queue" / "active").iterdir())
+    assert eventually(lambda: not list((a.spool / "queue" / "active").iterdir())
                     and not list((b.spool / "queue" / "active").iterdir()))
     assert ' ip=127.0.0.1 command=DATA code=554 status=5.4.6 ' in a.output()
     assert 'from=john@example.com detail="mail loop: at least 50 Received header fields' in a.output()

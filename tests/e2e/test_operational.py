@@ -16,11 +16,10 @@ import errno
 import os
 import smtplib
 import subprocess
-import time
 
 import pytest
 
-from tests.conftest import free_port, write_config
+from tests.conftest import eventually, free_port, write_config
 
 MESSAGE = b"Subject: disk\r\n\r\nsmall\r\n"
 
@@ -56,16 +55,6 @@ def send(port: int, body: bytes, rcpt: str = "john@example.com", source: str = "
     with smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=10) as c:
         c.ehlo("client.test")
         return c.sendmail("a@sender.test", [rcpt], body)
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    """Poll until C{predicate()} holds (the timeout only fails a broken test)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_a_full_disk_is_452_one_line_each_and_mail_is_accepted_again(tmpfs_spool, twistd, tmp_path):
@@ -106,7 +95,7 @@ def test_a_down_back_end_and_relay_host_are_one_line_each(twistd, tmp_path):
         code, text = c.rcpt("x@backend.test")
         assert (code, text[:5]) == (450, b"4.4.1")
     assert send(server.port, MESSAGE, rcpt="far@remote.test", source="127.0.0.2") == {}  # trusted: queued
-    assert wait_for(lambda: " result=deferred " in server.output())
+    assert eventually(lambda: " result=deferred " in server.output())
     server.stop()
     log = server.output()
     assert "Traceback" not in log

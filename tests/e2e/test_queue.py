@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Twistd, free_port, write_config
+from tests.conftest import eventually as wait_for
 from tests.unit.store.world import parse_report
 
 BACKEND = r'''
@@ -139,15 +140,6 @@ def send(server, sender, rcpts, body, source="127.0.0.2", **kw):
     with smtplib.SMTP("127.0.0.1", server.port, source_address=(source, 0), timeout=10) as c:
         c.ehlo("client.test")
         return c.sendmail(sender, rcpts, body, **kw)
-
-
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_e2e_trusted_client_relays_to_the_backend(twistd, up_backend, tmp_path):

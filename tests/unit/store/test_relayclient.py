@@ -8,6 +8,7 @@ back-end of ``mailguard.testing`` (see ``world.py``).
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -43,29 +44,20 @@ def test_transform_chunk_stuffs_like_rfc5321(lines, cuts):
     assert b"".join(out) == expected
 
 
-def test_several_entries_share_a_connection(tmp_path):
-    """With one connection allowed, three entries go over it, one
-    transaction after another, and one QUIT ends it."""
-    world = World(tmp_path, concurrency=1)
+@pytest.mark.parametrize("concurrency, connections", [(1, 1), (10, 3)])
+def test_several_entries_share_a_connection(tmp_path, concurrency, connections):
+    """Three entries due together: with one connection allowed they all go
+    over it, one transaction after another, and one QUIT ends it; with ten
+    (the default) each gets a connection of its own."""
+    world = World(tmp_path, concurrency=concurrency)
     world.queue.startService()
     for _ in range(3):
         world.accept()
     world.run()
     assert len(world.net.messages) == 3
-    assert world.net.attempts == 1
-    assert world.net.commands.count("QUIT") == 1
+    assert world.net.attempts == connections
+    assert world.net.commands.count("QUIT") == connections
     world.queue.stopService()
-
-
-def test_entries_ready_at_once_get_a_connection_each_up_to_the_limit(world):
-    """Entries that are due together are spread over up to
-    C{concurrency} connections (10 by default): three entries, three."""
-    for _ in range(3):
-        world.accept()
-    world.run()
-    assert len(world.net.messages) == 3
-    assert world.net.attempts == 3
-    assert world.net.commands.count("QUIT") == 3
 
 
 def test_8bit_message_is_sent_with_body_8bitmime(world):
