@@ -148,7 +148,7 @@ def test_swaks_plain_auth_refused_without_tls(servers):
     r = swaks("--auth", "PLAIN", "--auth-user", "john@example.com", "--auth-password", "john-secret",
               "--from", "john@example.com", "--to", "john@example.com", port=servers.port)
     assert r.returncode != 0  # PLAIN is not advertised before STARTTLS
-    assert "235" not in r.stdout
+    assert not [line for line in replies(r.stdout) if line.startswith("235")]  # (a port number may hold "235")
 
 
 def test_swaks_cram_md5_without_tls(servers):
