@@ -26,7 +26,7 @@ from mailguard import replies as R
 from mailguard.interfaces import IRecipientPolicy
 from mailguard.policy.decide import RecipientVerdict
 from mailguard.testing import LogCapture, connect
-from tests.helpers_context import body_of, maildir_messages, make_context
+from tests.helpers_context import CRAM_MD5, body_of, maildir_messages, make_context
 
 JOHN = "john@example.com"
 SENTINEL_TLS = object()  # a stand-in TLS context: the fake transport only records it
@@ -64,7 +64,8 @@ def ext_lines(out: bytes) -> list[str]:
 # --- greeting, EHLO, HELO, HELP ---------------------------------------------------
 
 
-def test_ehlo_lists_the_seed_extensions_in_order(ctx):
+def test_ehlo_lists_the_seed_extensions_in_order(tmp_path):
+    ctx = make_context(tmp_path, CRAM_MD5)
     s = connect(ctx)
     s.take()  # the greeting
     out = s.cmd("EHLO client.test")
@@ -75,7 +76,7 @@ def test_ehlo_lists_the_seed_extensions_in_order(ctx):
 
 
 def test_ehlo_with_tls_offers_starttls(tmp_path):
-    ctx = make_context(tmp_path, tls=SENTINEL_TLS)
+    ctx = make_context(tmp_path, CRAM_MD5, tls=SENTINEL_TLS)
     s = connect(ctx)
     s.take()  # the greeting
     assert ext_lines(s.cmd("EHLO client.test")) == [
@@ -100,7 +101,7 @@ def test_ehlo_without_vrfy(tmp_path):
 
 
 def test_ehlo_without_password_checker_offers_no_auth(tmp_path):
-    ctx = make_context(tmp_path, passwords=False)
+    ctx = make_context(tmp_path, CRAM_MD5, passwords=False)
     s = connect(ctx)
     s.take()  # the greeting
     assert not any(e.startswith("AUTH") for e in ext_lines(s.cmd("EHLO client.test")))
@@ -120,14 +121,22 @@ def test_ehlo_and_helo_need_a_domain(ctx):
     assert s.codes(s.cmd("HELO")) == ["501 5.5.4"]
 
 
-def test_help_is_214_and_lists_only_working_commands(ctx):
-    s = connect(ctx)
+def test_help_is_214_and_lists_only_working_commands(tmp_path):
+    s = connect(make_context(tmp_path, CRAM_MD5))
     s.take()  # the greeting
     out = s.cmd("HELP")
     assert out.startswith(b"214 2.0.0 ")
     words = out.decode().split()
     assert "BDAT" not in words and "ETRN" not in words and "STARTTLS" not in words
     assert {"EHLO", "MAIL", "RCPT", "DATA", "VRFY", "AUTH"} <= set(words)
+
+
+def test_help_lists_no_auth_where_no_mechanism_is_offered(ctx):
+    """The default (no CRAM-MD5) offers no mechanism before TLS."""
+    s = connect(ctx)
+    s.take()  # the greeting
+    words = s.cmd("HELP").decode().split()
+    assert "AUTH" not in words and {"EHLO", "MAIL", "VRFY"} <= set(words)
 
 
 def test_no_software_name_anywhere(ctx):
@@ -752,7 +761,7 @@ def test_idle_timeout_421(tmp_path):
 
 @pytest.fixture
 def tctx(tmp_path):
-    return make_context(tmp_path, tls=SENTINEL_TLS)
+    return make_context(tmp_path, CRAM_MD5, tls=SENTINEL_TLS)
 
 
 def starttls(s, pipelined: str = "") -> bytes:

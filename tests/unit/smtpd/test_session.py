@@ -16,7 +16,7 @@ from mailguard.smtpd import events as E
 from mailguard.smtpd.sasl import PlainCredentials
 from mailguard.smtpd.session import JUNK_COMMAND_LIMIT, ServerSession
 from mailguard.testing import b64
-from tests.helpers_context import make_context
+from tests.helpers_context import CRAM_MD5, make_context
 
 JOHN = "john@example.com"
 TLS = object()  # a stand-in TLS context
@@ -57,7 +57,7 @@ def accept(address=JOHN) -> RecipientVerdict:
 
 @pytest.fixture
 def ctx(tmp_path):
-    return make_context(tmp_path, tls=TLS)
+    return make_context(tmp_path, CRAM_MD5, tls=TLS)
 
 
 @pytest.fixture
