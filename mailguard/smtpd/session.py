@@ -384,7 +384,7 @@ class ServerSession(Extensions):
             return self._error(R.SYNTAX_ERROR)
         transaction = self.transaction
         if transaction is None:
-            return self._error(R.NEED_MAIL)
+            return self._error(R.NEED_MAIL_BEFORE_DATA)
         if not transaction.recipients:
             # RFC 2920 3.1: after pipelined RCPTs that all failed, 554.
             return self._error(R.NO_VALID_RECIPIENTS if transaction.attempts else R.NEED_RCPT)

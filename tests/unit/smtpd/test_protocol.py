@@ -558,6 +558,15 @@ def test_data_needs_mail_and_rcpt(ctx):
     assert s.codes(s.cmd("DATA")) == ["503 5.5.1"]
 
 
+def test_data_before_mail_and_before_rcpt_say_what_is_missing(ctx):
+    """Each says what to send first (it once said "Need MAIL before RCPT")."""
+    s = ehlo(ctx)
+    assert s.cmd("DATA") == R.NEED_MAIL_BEFORE_DATA.to_bytes() == b"503 5.5.1 Need MAIL before DATA\r\n"
+    assert s.cmd(f"RCPT TO:<{JOHN}>") == b"503 5.5.1 Need MAIL before RCPT\r\n"
+    s.cmd("MAIL FROM:<a@b.test>")
+    assert s.cmd("DATA") == b"503 5.5.1 Need RCPT before DATA\r\n"
+
+
 def test_data_with_argument_refused(ctx):
     s = ehlo(ctx)
     s.send(f"MAIL FROM:<a@b.test>\r\nRCPT TO:<{JOHN}>\r\n")
