@@ -96,7 +96,6 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 MESSAGE_ACCEPTED = Reply(250, "2.0.0", "Message accepted for delivery")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long in message data (RFC 5321 limit is 1000 octets)")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from mailguard import replies as R
 from mailguard.interfaces import IRecipientPolicy
 from mailguard.policy.decide import RecipientVerdict
+from mailguard.smtpd.framing import PARTIAL_LINE_MAX
 from mailguard.testing import LogCapture, connect
 from tests.helpers_context import CRAM_MD5, body_of, maildir_messages, make_context
 
@@ -435,27 +436,31 @@ def test_stuffed_998_octet_line_waiting_for_its_lf(ctx):
     assert s.codes(s.send("\n.\r\n")) == ["250 2.0.0"]
 
 
-def test_999_octet_line_waiting_for_its_lf_is_refused(ctx):
+def test_999_octet_line_waiting_for_its_lf_is_accepted(ctx):
     s = ehlo(ctx)
     transaction(s)
     assert s.send("x" * 999 + "\r") == b""
-    assert s.codes(s.send("\n.\r\n")) == ["500 5.5.2"]
+    assert s.codes(s.send("\n.\r\n")) == ["250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == b"x" * 999 + b"\r\n"
 
 
-def test_data_line_of_999_octets_is_refused_and_data_goes_on(ctx):
-    """The over-long line does not drop the session into command mode: the
-    lines after it are message text, not commands, up to the final dot."""
+def test_long_data_line_is_stored_and_data_goes_on(ctx):
+    """A line over 1000 octets is accepted and stored unchanged (as Postfix
+    and Exim accept it), and it does not drop the session into command
+    mode: the lines after it are message text, not commands, up to the
+    final dot."""
     s = ehlo(ctx)
     transaction(s)
-    out = s.send("x" * 999 + "\r\nRSET\r\nMAIL FROM:<evil@b.test>\r\nQUIT\r\n")
+    text = "x" * 1200 + "\r\nRSET\r\nMAIL FROM:<evil@b.test>\r\nQUIT\r\n"
+    out = s.send(text)
     assert out == b"" and not s.closed
     out = s.send(".\r\n")
-    assert s.codes(out) == [code(R.DATA_LINE_TOO_LONG)] == ["500 5.5.2"]
-    assert maildir_messages(ctx, JOHN) == []
+    assert s.codes(out) == ["250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == text.encode()
     assert s.codes(s.cmd("MAIL FROM:<a@b.test>")) == ["250 2.1.0"]  # the transaction was reset
 
 
-def test_overlong_data_line_in_many_chunks_stays_in_data(ctx):
+def test_long_data_line_in_many_chunks_stays_in_data(ctx):
     s = ehlo(ctx)
     transaction(s)
     out = b""
@@ -465,15 +470,30 @@ def test_overlong_data_line_in_many_chunks_stays_in_data(ctx):
     out += s.send("x" * 300)
     out += s.send("\r\n")
     assert out == b"" and not s.closed
-    assert s.codes(s.send(".\r\nNOOP\r\n")) == ["500 5.5.2", "250 2.0.0"]
+    assert s.codes(s.send(".\r\nNOOP\r\n")) == ["250 2.0.0", "250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == b"y" * 14000 + b"\r\nQUIT\r\n" + b"x" * 300 + b"\r\n"
 
 
-def test_overlong_data_line_then_end_marker_in_later_chunks(ctx):
+def test_a_long_line_without_end_is_bounded_by_the_message_size(small):
+    """No line limit, but no unbounded buffer either: an endless line is
+    written as it comes and fails at MaxMessageSize; the session reads on
+    to the final dot."""
+    s = ehlo(small)
+    transaction(s)
+    for _ in range(10):
+        assert s.send("z" * 10000) == b""
+        assert s.proto.smtp.buffered < 10000 + PARTIAL_LINE_MAX
+    assert s.codes(s.send("\r\n.\r\n")) == ["552 5.3.4"]
+    assert maildir_messages(small, JOHN) == []
+
+
+def test_long_data_line_then_end_marker_in_later_chunks(ctx):
     s = ehlo(ctx)
     transaction(s)
     s.send("y" * 1500)
     s.send("tail\r\n")
-    assert s.codes(s.send(".\r\n")) == ["500 5.5.2"]
+    assert s.codes(s.send(".\r\n")) == ["250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == b"y" * 1500 + b"tail\r\n"
 
 
 # --- SMTP smuggling: one test per attack ------------------------------------------------
@@ -533,9 +553,10 @@ def test_smuggling_byte_by_byte(ctx):
 
 
 def test_smuggling_bare_cr_in_an_overlong_line(ctx):
+    """A bare CR in a line long enough to be taken before its end."""
     s = ehlo(ctx)
     transaction(s)
-    out = s.send("a" * 500 + "\r" + "b" * 600)
+    out = s.send("a" * 500 + "\r" + "b" * PARTIAL_LINE_MAX)
     assert s.codes(out) == ["554 5.6.0"] and s.closed
     assert maildir_messages(ctx, JOHN) == []
 

@@ -28,11 +28,12 @@ def test_dot_stuffing_across_chunk_boundaries(world):
 def test_transform_chunk_stuffs_like_rfc5321(lines, cuts):
     """However the file is cut into chunks, the bytes on the wire are the
     RFC 5321 4.5.2 dot-stuffed message."""
+    from mailguard.store.folding import LineFolder
     from mailguard.store.relayclient import RelayClient
 
     message = b"".join(line + b"\r\n" for line in lines)
     client = RelayClient.__new__(RelayClient)
-    client.__dict__.update(_line_start=True)
+    client.__dict__.update(_folder=LineFolder())
     client.resetTimeout = lambda: None
     out, i, k = [], 0, 0
     while i < len(message):
@@ -41,6 +42,21 @@ def test_transform_chunk_stuffs_like_rfc5321(lines, cuts):
         i, k = i + n, k + 1
     expected = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
     assert b"".join(out) == expected
+
+
+def test_long_lines_are_folded_when_forwarded(world):
+    """Stored unchanged, folded on the wire as Postfix's SMTP client folds
+    them (smtp_line_length_limit = 998): CRLF SPACE after 998 octets."""
+    from mailguard.testing import LogCapture
+
+    body = b"Subject: long\r\n\r\n" + b"h" * 1200 + b"\r\n.end\r\n"
+    mid = world.accept(body=body)
+    with LogCapture() as logs:
+        world.run()
+    [tx] = world.net.messages
+    assert tx.data == b"Subject: long\r\n\r\n" + b"h" * 998 + b"\r\n " + b"h" * 202 + b"\r\n.end\r\n"
+    assert max(len(line) for line in tx.data.split(b"\r\n")) == 998
+    assert f"relay {mid}: lines over 998 octets folded with CRLF SPACE (1 folds)" in logs.text()
 
 
 def test_several_entries_share_a_connection(world):
