@@ -125,6 +125,7 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
         syncer=syncer,
         tls=tls,
         tls_required=config.relay_tls_verify,
+        bind_address=config.relay_source_address,
     )
 
 

@@ -55,13 +55,16 @@ class RelayHop:
     connect: Callable
 
 
-def endpoint_connector(clock, host: str, port: int, timeout: float) -> Callable:
-    """A C{connect} for L{RelayHop}: a C{HostnameEndpoint} on C{clock}."""
+def endpoint_connector(clock, host: str, port: int, timeout: float, bind_address: str = "") -> Callable:
+    """A C{connect} for L{RelayHop}: a C{HostnameEndpoint} on C{clock},
+    from C{bind_address} when one is given (RelayHostBindAddress, or the
+    gateway's address)."""
+    bind = (bind_address, 0) if bind_address else None
 
     def connect(factory):
         from twisted.internet.endpoints import HostnameEndpoint
 
-        return HostnameEndpoint(clock, host, port, timeout=timeout).connect(factory)
+        return HostnameEndpoint(clock, host, port, timeout=timeout, bindAddress=bind).connect(factory)
 
     return connect
 

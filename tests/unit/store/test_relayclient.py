@@ -8,6 +8,7 @@ back-end of ``mailguard.testing`` (see ``world.py``).
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -114,3 +115,19 @@ def test_data_refused_after_the_dot_bounces_every_recipient(world):
     _, _, _, rcpts = parse_report(bounce.read_bytes())
     assert [r["Final-Recipient"] for r in rcpts] == ["rfc822; x@remote.test", "rfc822; y@remote.test"]
     assert world.active() == []
+
+
+@pytest.mark.parametrize("bind, expected", [("127.0.0.2", ("127.0.0.2", 0)), ("", None)])
+def test_the_relay_connection_leaves_from_the_bind_address(bind, expected):
+    """RelayHostBindAddress (or the gateway's address): the source of the
+    queue's connections to the relay host."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailguard.store.relayclient import endpoint_connector
+
+    reactor = MemoryReactorClock()
+    endpoint_connector(reactor, "127.0.0.1", 2525, 30, bind_address=bind)(Factory.forProtocol(Protocol))
+    reactor.advance(0)
+    [(host, port, _, timeout, source)] = reactor.tcpClients
+    assert (host, port, timeout, source) == ("127.0.0.1", 2525, 30, expected)
