@@ -94,7 +94,7 @@ class Extensions:
         if isinstance(step, sasl.Challenge):
             self.mode = AUTH
             return self._send(R.Reply(334, "", base64.b64encode(step.data).decode("ascii")))
-        self._sasl = None
+        mechanism, self._sasl = self._sasl.mechanism, None
         if step is sasl.ABORTED:
             self._send(R.AUTH_ABORTED)
         elif step is sasl.MALFORMED:
@@ -102,12 +102,13 @@ class Extensions:
         elif step is sasl.DENIED:
             self._auth_result(None)
         else:
-            self._request(E.CheckCredentials(step))
+            self._request(E.CheckCredentials(step, mechanism))
 
-    def _auth_result(self, who: str | None) -> None:
+    def _auth_result(self, who: str | None, mechanism: str = "") -> None:
         if who:
             self.facts = replace(self.facts, authenticated=who)
-            log.info("AUTH ok: {who} from {ip}", who=who, ip=self.facts.client_ip)
+            log.info("AUTH ok: {who} from {ip} ({mechanism})", who=who, ip=self.facts.client_ip,
+                     mechanism=mechanism)
             return self._send(R.AUTH_OK)
         self.auth_failures += 1
         log.info("AUTH failed from {ip} ({n})", ip=self.facts.client_ip, n=self.auth_failures)

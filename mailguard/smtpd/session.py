@@ -141,7 +141,7 @@ class ServerSession(Extensions):
         elif kind is E.AnswerVrfy:
             self._send(value)
         elif kind is E.CheckCredentials:
-            self._auth_result(value)
+            self._auth_result(value, request.mechanism)
         elif kind is E.AuthFailureDelay:
             self._send(R.AUTH_FAILED)
         elif kind is E.KickQueue:

@@ -130,7 +130,7 @@ def test_plain_with_initial_response(ctx):
     with LogCapture() as logs:
         assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == [code(R.AUTH_OK)] == ["235 2.7.0"]
     assert s.proto.session.authenticated == JOHN
-    assert "AUTH ok: john@example.com from 127.0.0.3" in logs.text()
+    assert "AUTH ok: john@example.com from 127.0.0.3 (PLAIN)" in logs.text()
 
 
 def test_plain_with_challenge(ctx):
@@ -231,8 +231,10 @@ def test_login_two_steps(ctx):
 def test_login_with_initial_response(ctx):
     s = tls_session(ctx)
     assert s.cmd("AUTH LOGIN " + b64("jane@example.com")) == b"334 UGFzc3dvcmQ6\r\n"
-    assert s.codes(s.cmd(b64("jane-secret"))) == ["235 2.7.0"]
+    with LogCapture() as logs:
+        assert s.codes(s.cmd(b64("jane-secret"))) == ["235 2.7.0"]
     assert s.proto.session.authenticated == "jane@example.com"
+    assert "AUTH ok: jane@example.com from 127.0.0.3 (LOGIN)" in logs.text()  # the mechanism chosen
 
 
 def test_login_sha_user(ctx):
@@ -269,8 +271,10 @@ def test_cram_md5_success_without_tls(ctx):
     challenge = s.cmd("AUTH CRAM-MD5")
     nonce = base64.b64decode(challenge[4:].strip())
     assert nonce.startswith(b"<") and nonce.endswith(b"@mx.example.com>")
-    assert s.codes(s.cmd(cram_response(challenge, "john", "john-secret"))) == ["235 2.7.0"]
+    with LogCapture() as logs:
+        assert s.codes(s.cmd(cram_response(challenge, "john", "john-secret"))) == ["235 2.7.0"]
     assert s.proto.session.authenticated == JOHN
+    assert "AUTH ok: john@example.com from 127.0.0.3 (CRAM-MD5)" in logs.text()
 
 
 def test_cram_md5_challenges_differ(ctx):
