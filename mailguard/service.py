@@ -14,26 +14,29 @@ from __future__ import annotations
 
 import os
 import resource
+from functools import partial
 from typing import Any, Mapping
 
-from twisted.application import internet, service
+from twisted.application import internet
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailguard.config.settings import Configuration
+from mailguard.config.settings import EMBEDDED_NAME, Configuration
+from mailguard.lifecycle import MailguardService
 from mailguard.store.durable import DirSyncer, disk_runner, run_in_thread
 from mailguard.store.maildir import MaildirStore
 from mailguard.smtpd.factory import MailguardFactory, ServerContext
 from mailguard.config.problems import ConfigError, errors
 from mailguard.gateway.build import build_gateway
 from mailguard.interfaces import IUserDirectory
-from mailguard.policy.build import Tables, build_policies, build_tables
+from mailguard.policy.build import Tables, build_policies, build_tables, read_checked
 from mailguard.config.values import parse_host_port
 from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
 from mailguard.smtpd.proxy import ProxyHeaderFactory
+from mailguard.store.control import ControlFactory, control_path
 from mailguard.smtpd.seclog import SecurityLog
 from mailguard.smtpd import tls as tls_mod
 
@@ -48,6 +51,7 @@ DEFAULTS = {
     "spool": "./mailguard-data",
     "security-log": None,
     "relay-host": None,
+    "metrics": None,
 }
 
 
@@ -96,7 +100,8 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor,
         clock=reactor,
         policies=policies,
         store=store,
-        security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes),
+        security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes,
+                                 generations=config.security_log_generations),
         tls=tls,
         queue=queue,
         dsn=True,
@@ -129,19 +134,49 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
     )
 
 
+def _control(top: service.MultiService, reactor, queue: RelayQueue, spool: str) -> None:
+    """The queue's control socket, SPOOL/control (mailguard.store.control)."""
+    endpoint = endpoints.UNIXServerEndpoint(reactor, control_path(spool), mode=0o600, wantPID=True)
+    svc = internet.StreamServerEndpointService(endpoint, ControlFactory(queue))
+    svc._raiseSynchronously = True
+    svc.setName("control")
+    svc.setServiceParent(top)
+
+
+def _metrics(top: MailguardService, reactor, context: ServerContext, description: str) -> None:
+    """``--metrics ENDPOINT``: /metrics for Prometheus (mailguard.metrics)."""
+    from mailguard import metrics
+
+    collector = metrics.MailguardCollector(lambda: top.context, context.queue,
+                                           getattr(context.recipients, "gateway", None),
+                                           metrics.on_reactor_of(reactor))
+    site = metrics.metrics_site(reactor, metrics.registry_for(collector))
+    svc = internet.StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
+    svc._raiseSynchronously = True
+    svc.setName("metrics")
+    svc.setServiceParent(top)
+    top.metrics = collector
+
+
 def build_service(config: Configuration, options: Mapping[str, Any], reactor,
-                  tables: Tables | None = None) -> service.MultiService:
-    """The mailguard MultiService: one stream server per configured listener.
+                  tables: Tables | None = None) -> MailguardService:
+    """The mailguard service: one stream server per configured listener,
+    the relay queue, the gateway; it reloads and stops gracefully
+    (L{mailguard.lifecycle}).
 
     @param tables: the IP groups, directory and passwords already built
         from C{config} (by L{mailguard.policy.build.load}); built here if
-        not given (errors raise L{ConfigError})."""
+        not given (errors raise L{ConfigError}).
+    @param options: also where a reload reads from: C{config} (else
+        C{config.source}, unless that is the embedded example), C{users}."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     context = build_context(config, opts, reactor, tables)
-    top = service.MultiService()
-    top.context = context  # for embedding applications and tests
-    context.queue.setServiceParent(top)
     gateway = getattr(context.recipients, "gateway", None)
+    path = opts.get("config") or (None if config.source == EMBEDDED_NAME else config.source)
+    tls_files = (opts["tls-cert"], opts["tls-key"]) if opts["tls-cert"] else None
+    top = MailguardService(context, reactor, gateway=gateway, tls_files=tls_files, run=run_in_thread(reactor),
+                           read=partial(read_checked, path, opts.get("users"), relay_host=opts["relay-host"]))
+    context.queue.setServiceParent(top)
     if gateway is not None:  # stopping says QUIT to the back-end
         gateway.setServiceParent(top)
     for listener in ("smtp", "smtps", "submission"):
@@ -154,10 +189,12 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
         proxied = desc.startswith("haproxy:")
         inner = desc[len("haproxy:"):] if proxied else desc
         factory = MailguardFactory(context, listener)
+        top.factories.append(factory)  # a reload gives it the new context
         if listener == "smtps" and not inner.startswith("ssl:"):
             # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
-            # inside the plain-text PROXY header.
-            factory = TLSMemoryBIOFactory(context.tls, False, factory)
+            # inside the plain-text PROXY header; the certificate of the
+            # current generation (a reload loads it again).
+            factory = TLSMemoryBIOFactory(tls_mod.CurrentContext(lambda: top.context.tls), False, factory)
         if proxied:
             factory = ProxyHeaderFactory(factory, reactor)
         endpoint = endpoints.serverFromString(reactor, inner)
@@ -165,6 +202,9 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
         svc._raiseSynchronously = True
         svc.setName(listener)
         svc.setServiceParent(top)
+    _control(top, reactor, context.queue, opts["spool"])
+    if opts["metrics"]:
+        _metrics(top, reactor, context, opts["metrics"])
     if opts["submission"] and context.tls is None:
         if config.cram_md5_enabled:
             log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "

@@ -107,7 +107,6 @@ class CheckCredentials(Request):
     failure is logged by type only: its text could quote a password."""
 
     credentials: PlainCredentials | CramMD5Credentials = field(repr=False)
-    mechanism: str = ""  # for the log: which SASL mechanism the client chose
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,8 +86,6 @@ class _Exchange:
     """One exchange.  L{first} takes the AUTH command's initial response
     (None without one); L{respond} each response line after a challenge."""
 
-    mechanism = ""  # its SASL name
-
     def first(self, initial: bytes | None) -> Step:
         if initial == b"=":  # RFC 4954 4: an initial response of zero length
             return MALFORMED
@@ -110,8 +108,6 @@ class Plain(_Exchange):
     """RFC 4616: authzid NUL authcid NUL password.  No proxy authorisation:
     an authzid other than the authcid is denied."""
 
-    mechanism = "PLAIN"
-
     def _first(self, initial: bytes | None) -> Step:
         return Challenge(b"") if not initial else self._respond(initial)
 
@@ -130,8 +126,6 @@ class Plain(_Exchange):
 
 class Login(_Exchange):
     """The LOGIN mechanism (draft-murchison-sasl-login): user, then password."""
-
-    mechanism = "LOGIN"
 
     def __init__(self) -> None:
         self._user: bytes | None = None
@@ -158,8 +152,6 @@ class CramMD5(_Exchange):
     @param now: the time (seconds); a clock's C{seconds}.
     @param token: random hex; C{secrets.token_hex} unless a test fixes it.
     """
-
-    mechanism = "CRAM-MD5"
 
     def __init__(self, hostname: str, now: float,
                  token: Callable[[int], str] = secrets.token_hex) -> None:

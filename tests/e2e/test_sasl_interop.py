@@ -14,7 +14,7 @@ default mechanism choice (no ``smtp_sasl_mechanism_filter``); Twisted's
 no mechanism named.  Every client connects from 127.0.0.3 (untrusted).
 
 Each test asserts the mechanism the client chose, as mailguard logged it
-(``AUTH ok: USER from IP (MECHANISM)``), that no attempt failed first (a
+(the ``auth`` event: ``mechanism=... result=ok user=...``), that no attempt failed first (a
 failed attempt counts toward ``SmtpMaxAuthFailures``), and that the
 message reached the Maildir from an authenticated session (``ESMTPSA``).
 The matrix observed is in docs/protocol.md ("Interop with real clients").
@@ -50,7 +50,12 @@ LISTENERS = ["smtp", "submission", "smtps"]
 RCPT = {"smtp": "jane@example.com", "submission": "john@example.com", "smtps": "john@example.net"}
 CRAM_RCPT = "jane@example.net"  # Postfix sends it to the CRAM-MD5 mailguard's submission listener
 MAILBOX = {"smtp": "jane@example.com", "submission": "john@example.com", "smtps": "john@example.com"}
-AUTH_LINE = re.compile(r"AUTH ok: (\S+) from 127\.0\.0\.3 \(([A-Z0-9-]+)\)")
+AUTH_LINE = re.compile(r"auth session=\w+ ip=127\.0\.0\.3 mechanism=([A-Z0-9-]+) result=ok user=(\S+)")
+
+
+def auth_failed(user: str, mechanism: str, n: int = 1) -> re.Pattern:
+    return re.compile(rf"auth session=\w+ ip=127\.0\.0\.3 mechanism={mechanism} result=failed "
+                      rf"user={re.escape(user)} failures={n}\b")
 
 
 def start_mailguard(tmp: Path, variables=None) -> Twistd:
@@ -112,9 +117,9 @@ class Watch:
             if found or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        assert "AUTH failed" not in self.log()
-        assert [who for who, _ in found] == [user], self.log()[-3000:]
-        return found[0][1]
+        assert "result=failed" not in self.log()
+        assert [who for _, who in found] == [user], self.log()[-3000:]
+        return found[0][0]
 
 
 def check_delivery(data: bytes, secret: str) -> None:
@@ -287,7 +292,7 @@ def test_cram_on_postfix_defers_a_sha_user_and_relays_a_d3s_user(mg_cram, postfi
                           mg_cram.ports["submission"])
     assert failed.group(1) == "deferred", failed.group(0)
     assert "SASL authentication failed; server 127.0.0.1[127.0.0.1] said: 535 5.7.8" in failed.group(2)
-    assert "AUTH failed from 127.0.0.3 (1)" in watch.log()
+    assert auth_failed(SHA_USER[0], "CRAM-MD5").search(watch.log()), watch.log()
     watch = Watch(mg_cram)
     subj = subject("postfix", "cram", "d3s")
     sent = postfix_send(postfix, D3S_USER[0], CRAM_RCPT, subj, mg_cram.ports["submission"])
@@ -305,7 +310,7 @@ def test_cram_on_twisted_fails_a_sha_user_and_takes_cram_md5_for_a_d3s_user(mg_c
     watch = Watch(mg_cram)
     r = run(SHA_USER)
     assert r.returncode == 1 and "535 5.7.8" in r.stdout, r.stdout + r.stderr
-    assert "AUTH failed from 127.0.0.3 (1)" in watch.log() and "AUTH ok" not in watch.log()
+    assert auth_failed(SHA_USER[0], "CRAM-MD5").search(watch.log()) and "result=ok" not in watch.log()
     watch = Watch(mg_cram)
     r = run(D3S_USER)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -322,4 +327,6 @@ def test_cram_on_smtplib_gets_a_sha_user_through_only_after_a_failure(mg_cram):
         assert c.esmtp_features["auth"].split() == ["CRAM-MD5", "PLAIN", "LOGIN"]
         assert c.login(*SHA_USER)[0] == 235
     log = watch.log()
-    assert log.index("AUTH failed from 127.0.0.3 (1)") < log.index(f"AUTH ok: {SHA_USER[0]} from 127.0.0.3 (PLAIN)")
+    failed, ok = auth_failed(SHA_USER[0], "CRAM-MD5").search(log), AUTH_LINE.search(log)
+    assert failed and ok and failed.start() < ok.start(), log
+    assert ok.groups() == ("PLAIN", SHA_USER[0])
