@@ -26,7 +26,9 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols import basic
 
+from mailguard.logs import emit
 from mailguard.store.entries import Outcome, QueueEntry
+from mailguard.store.envelope import queue_id
 from mailguard.store.folding import LINE_LIMIT, LineFolder
 
 __all__ = ["RelayClient", "RelayHop", "Worker", "client_tls", "describe", "endpoint_connector",
@@ -391,8 +393,8 @@ class RelayClient(smtp.ESMTPClient):
             if tail:  # a final CR without its LF (never in a stored message)
                 self.transport.write(tail)
             if folder.folds and self.entry is not None:
-                log.info("relay {id}: lines over {n} octets folded with CRLF SPACE ({k} folds)",
-                         id=self.entry.id, n=LINE_LIMIT, k=folder.folds)
+                emit(log, "relay-folded", {"queue": queue_id(self.entry.id), "relay": self.worker.hop.name,
+                                           "limit": LINE_LIMIT, "folds": folder.folds})
         smtp.ESMTPClient.finishedFileTransfer(self, lastsent)
 
     def _end_of_data(self, code, resp):

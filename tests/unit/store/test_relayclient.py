@@ -57,7 +57,9 @@ def test_long_lines_are_folded_when_forwarded(world):
     [tx] = world.net.messages
     assert tx.data == b"Subject: long\r\n\r\n" + b"h" * 998 + b"\r\n " + b"h" * 202 + b"\r\n.end\r\n"
     assert max(len(line) for line in tx.data.split(b"\r\n")) == 998
-    assert f"relay {mid}: lines over 998 octets folded with CRLF SPACE (1 folds)" in logs.text()
+    from mailguard.store.envelope import queue_id
+
+    assert f"relay-folded queue={queue_id(mid)} relay=relay.test limit=998 folds=1" in logs.text()
 
 
 def test_several_entries_share_a_connection(world):
