@@ -99,17 +99,27 @@ class PrivatePostfix:
     """One instance in a directory of its own under /tmp: etc (main.cf,
     master.cf and the maps the test writes there), queue, data, maillog.
     The directory is made readable by the ``postfix`` user (pytest's own
-    temporary directories are not) and removed by L{stop}.
+    temporary directories are not) and removed by L{stop}, unless the
+    caller gave it (C{base}).  The benchmark (``bench/bench_throughput.py``)
+    runs its Postfix peer with this class too.
 
     @param main_cf: the role's main.cf lines, after the base ones
-        (``{etc}`` and ``{base}`` are filled in).
+        (``{etc}`` and ``{base}`` are replaced by the paths).
     @param master_cf: the role's master.cf lines (listeners, transports).
     @param files: more files for etc/ (maps), by name.
+    @param base: the directory to use (it must not exist yet, and the
+        ``postfix`` user must be able to reach it), kept by L{stop}.
     """
 
-    def __init__(self, main_cf: str, master_cf: str = "", files: dict[str, str] | None = None):
-        self.base = base = Path(tempfile.mkdtemp(prefix="mailguard-postfix-"))
-        os.chmod(base, 0o755)
+    def __init__(self, main_cf: str, master_cf: str = "", files: dict[str, str] | None = None,
+                 base: Path | None = None):
+        self._own = base is None
+        if base is None:
+            base = Path(tempfile.mkdtemp(prefix="mailguard-postfix-"))
+            os.chmod(base, 0o755)
+        else:
+            base.mkdir()
+        self.base = base
         self.etc = base / "etc"
         self.maillog = base / "maillog"
         self.master_pid: int | None = None
@@ -121,7 +131,8 @@ class PrivatePostfix:
             base=base, command_directory=_default("command_directory"),
             daemon_directory=_default("daemon_directory"), meta_directory=_default("meta_directory"),
             shlib_directory=_default("shlib_directory"))
-        (self.etc / "main.cf").write_text(main + main_cf.format(etc=self.etc, base=base))
+        role = main_cf.replace("{etc}", str(self.etc)).replace("{base}", str(base))
+        (self.etc / "main.cf").write_text(main + role)
         (self.etc / "master.cf").write_text(BASE_MASTER_CF + master_cf)
         for name, text in (files or {}).items():
             (self.etc / name).write_text(text)
@@ -139,8 +150,12 @@ class PrivatePostfix:
         self.master_pid = int(pidfile.read_text().split()[0])
 
     def stop(self) -> None:
-        if self.master_pid is None:
-            return
+        if self.master_pid is not None:
+            self._stop_master()
+        if self._own:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def _stop_master(self) -> None:
         master, self.master_pid = self.master_pid, None
         children = _children(master)
         subprocess.run([POSTFIX, "-c", str(self.etc), "stop"], capture_output=True,
@@ -154,7 +169,6 @@ class PrivatePostfix:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        shutil.rmtree(self.base, ignore_errors=True)
 
     def wait_port(self, port: int, timeout: float = 20.0) -> None:
         """Until something listens on 127.0.0.1:C{port} (a listener of
