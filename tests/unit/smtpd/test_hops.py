@@ -147,3 +147,19 @@ def test_the_limit_is_a_setting(tmp_path, limit, hops, code):
     ctx, s = session(tmp_path, {"SmtpHopCountLimit": limit})
     with LogCapture():
         assert s.codes(send(s, message(hops)))[0] == code
+
+
+def test_a_long_header_line_read_in_pieces_is_one_line(tmp_path):
+    """The DATA reader hands a line over 64 KiB on in pieces: the count
+    carries across them (a Received field after it still counts, the
+    long line's own text does not)."""
+    data = (b"Received: a\r\nX-Long: 12345" + b"Received: " * 30000 + b"\r\nReceived: b\r\n"
+            b"Subject: long\r\n\r\nReceived: body\r\n.\r\n")
+    for limit, code in (("2", "554 5.4.6"), ("3", "250 2.0.0")):
+        (tmp_path / limit).mkdir()
+        ctx, s = session(tmp_path / limit, {"SmtpHopCountLimit": limit})
+        s.send(f"MAIL FROM:<a@sender.test>\r\nRCPT TO:<{JOHN}>\r\nDATA\r\n")
+        s.take()
+        with LogCapture():
+            out = b"".join(s.send(data[i:i + 65536]) for i in range(0, len(data), 65536))
+        assert s.codes(out) == [code]
