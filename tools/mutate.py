@@ -196,6 +196,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("loop-body-counted", "mailguard/smtpd/hops.py",
              "            self.in_header = False\n            end = empty",
              "            end = empty", (T + "smtpd/test_hops.py",)),
+    Mutation("loop-line-split-over-blocks-misread", "mailguard/smtpd/hops.py",
+             "        if self._carry is not None:  # first, the end of the line the last block ended inside",
+             "        if False:  # first, the end of the line the last block ended inside", (T + "smtpd/test_hops.py",)),
     # --- operational errors -------------------------------------------------------------------
     Mutation("seclog-write-error-swallowed", "mailguard/smtpd/seclog.py",
              'd.addErrback(lambda f, n=len(lines): report(log, f, "security-log-failed",',
