@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mailguard import version_line
 from mailguard.config.problems import errors
 from mailguard.config.settings import SCALARS, Configuration, defaults
 from mailguard.config.values import shown
@@ -107,6 +108,8 @@ def summary(config: Configuration, tables: Tables) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mailguard")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print mailguard's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a mailserver.cfg and print a summary")
     check.add_argument("file")

@@ -16,8 +16,7 @@ import os
 import resource
 from typing import Any, Mapping
 
-from twisted.application import internet, service
-from twisted.internet import endpoints
+from twisted.application import service
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -33,6 +32,7 @@ from mailguard.config.values import parse_host_port
 from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
+from mailguard.smtpd.listener import KINDS, Listener, listener_values, parse, split_proxy
 from mailguard.smtpd.proxy import ProxyHeaderFactory
 from mailguard.smtpd.seclog import SecurityLog
 from mailguard.smtpd import tls as tls_mod
@@ -128,9 +128,28 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
     )
 
 
+def make_listener(context: ServerContext, kind: str, desc: str, reactor) -> Listener:
+    """The L{Listener} of C{kind} on the endpoint C{desc} (not yet
+    listening); a bad description raises L{ListenError}."""
+    # haproxy:ENDPOINT is handled here, not by Twisted's parser: the
+    # session must start only once the PROXY header names the client
+    # (mailguard.smtpd.proxy).
+    inner, proxied = split_proxy(desc)
+    factory = MailguardFactory(context, kind)
+    if kind == "smtps" and not inner.startswith("ssl:"):
+        # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
+        # inside the plain-text PROXY header.
+        factory = TLSMemoryBIOFactory(context.tls, False, factory)
+    if proxied:
+        factory = ProxyHeaderFactory(factory, reactor)
+    return Listener(kind, desc, parse(reactor, kind, desc), factory)
+
+
 def build_service(config: Configuration, options: Mapping[str, Any], reactor,
                   tables: Tables | None = None) -> service.MultiService:
-    """The mailguard MultiService: one stream server per configured listener.
+    """The mailguard MultiService: one L{Listener} per endpoint of each
+    listener kind (C{options["smtp"]} and the others: one description or a
+    list of them), in C{top.listeners}.
 
     @param tables: the IP groups, directory and passwords already built
         from C{config} (by L{mailguard.policy.build.load}); built here if
@@ -143,28 +162,13 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
     gateway = getattr(context.recipients, "gateway", None)
     if gateway is not None:  # stopping says QUIT to the back-end
         gateway.setServiceParent(top)
-    for listener in ("smtp", "smtps", "submission"):
-        desc = opts[listener]
-        if not desc:
-            continue
-        # haproxy:ENDPOINT is handled here, not by Twisted's parser: the
-        # session must start only once the PROXY header names the client
-        # (mailguard.smtpd.proxy).
-        proxied = desc.startswith("haproxy:")
-        inner = desc[len("haproxy:"):] if proxied else desc
-        factory = MailguardFactory(context, listener)
-        if listener == "smtps" and not inner.startswith("ssl:"):
-            # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
-            # inside the plain-text PROXY header.
-            factory = TLSMemoryBIOFactory(context.tls, False, factory)
-        if proxied:
-            factory = ProxyHeaderFactory(factory, reactor)
-        endpoint = endpoints.serverFromString(reactor, inner)
-        svc = internet.StreamServerEndpointService(endpoint, factory)
-        svc._raiseSynchronously = True
-        svc.setName(listener)
-        svc.setServiceParent(top)
-    if opts["submission"] and context.tls is None:
+    top.listeners = []
+    for kind in KINDS:
+        for desc in listener_values(opts[kind]):
+            listener = make_listener(context, kind, desc, reactor)
+            listener.setServiceParent(top)
+            top.listeners.append(listener)
+    if listener_values(opts["submission"]) and context.tls is None:
         log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                  "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")
     raise_fd_limit()

@@ -38,9 +38,11 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float =
 
 
 class Twistd:
-    """A real ``twistd -n mailguard`` process."""
+    """A real ``twistd -n mailguard`` process (C{twistd_args}: twistd's own
+    options, such as ``--uid``)."""
 
-    def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None):
+    def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None,
+                 twistd_args: list[str] = ()):
         self.tmp = tmp
         self.port = smtp_port
         self.spool = tmp / "spool"
@@ -48,14 +50,15 @@ class Twistd:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [TWISTD, "--logfile", str(self.logfile),
-               "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool), *args]
+               "--pidfile", "", "-n", *twistd_args, "mailguard", "--spool", str(self.spool), *args]
         self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             wait_for_port("127.0.0.1", wait_port or smtp_port, self.proc)
         except RuntimeError:
+            said = self.proc.stdout.read().decode(errors="replace") if self.proc.poll() is not None else ""
             self.stop()
-            raise RuntimeError(self.output())
+            raise RuntimeError(self.output() + said)
 
     def output(self) -> str:
         text = ""
