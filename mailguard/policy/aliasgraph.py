@@ -1,6 +1,6 @@
 """Alias chains, flattened: the graph part of building the user directory.
 
-``mailguard.policy.directory.build`` turns the alias records into a graph --
+``mailguard.policy.directorybuild.build`` turns the alias records into a graph --
 each alias address (a key) with its edges: ``("user", canonical)``,
 ``("fwd", address)`` or ``("alias", key)`` -- and L{flatten} resolves every
 alias to the accounts and forwards it finally reaches, reporting each loop

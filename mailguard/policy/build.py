@@ -27,7 +27,7 @@ from mailguard.interfaces import (
     IUserDirectory,
     IVrfyPolicy,
 )
-from mailguard.policy import directory as directory_mod
+from mailguard.policy import directorybuild as directory_mod
 from mailguard.policy import ipgroups as ipgroups_mod
 from mailguard.policy import passwords as passwords_mod
 from mailguard.policy.greeting import PassCache

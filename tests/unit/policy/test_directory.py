@@ -18,9 +18,9 @@ from mailguard.policy.directory import (
     Lookup,
     LookupStatus,
     UserDirectory,
-    build,
     split_address,
 )
+from mailguard.policy.directorybuild import build
 from mailguard.interfaces import IUserDirectory
 from mailguard.config.problems import Where
 from mailguard.config.records import AliasRecord, DomainRecord, UserRecord

@@ -9,7 +9,7 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from mailguard.policy import passwords
-from mailguard.policy.directory import build
+from mailguard.policy.directorybuild import build
 from mailguard.interfaces import IPasswordChecker
 from mailguard.policy.passwords import (
     PasswordChecker,
