@@ -72,18 +72,15 @@ class Options(usage.Options):
             self[kind] = []
 
     def opt_smtp(self, endpoint: str) -> None:
-        """ENDPOINT of a plain MX listener; the greeting delay applies here.
-        Repeatable. [default: tcp:2525:interface=127.0.0.1]"""
+        """ENDPOINT of a plain MX listener (greeting delay here); repeatable. [default: tcp:2525:interface=127.0.0.1]"""
         self["smtp"].append(endpoint)
 
     def opt_smtps(self, endpoint: str) -> None:
-        """ENDPOINT of an implicit-TLS listener (never delayed). Repeatable.
-        Default: off."""
+        """ENDPOINT of an implicit-TLS listener (never delayed); repeatable. Default: off."""
         self["smtps"].append(endpoint)
 
     def opt_submission(self, endpoint: str) -> None:
-        """ENDPOINT of a submission listener: AUTH before MAIL, never delayed.
-        Repeatable. Default: off."""
+        """ENDPOINT of a submission listener: AUTH before MAIL, never delayed; repeatable. Default: off."""
         self["submission"].append(endpoint)
 
     def opt_version(self) -> None:

@@ -42,8 +42,9 @@ def test_mailguard_help_documents_every_option():
     out = _twistd("-n", "mailguard", "--help")
     assert out.returncode == 0, out.stderr
     for option in ("--config", "--users", "--smtp", "--smtps", "--submission", "--tls-cert",
-                   "--tls-key", "--spool", "--security-log", "--relay-host"):
+                   "--tls-key", "--spool", "--security-log", "--relay-host", "--version"):
         assert option in out.stdout, option
+    assert out.stdout.count("repeatable") == 3  # --smtp, --smtps, --submission
 
 
 def test_no_init_in_twisted_plugins():
