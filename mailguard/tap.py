@@ -230,9 +230,10 @@ def _give_spool(top, user) -> None:
     that user must be able to write them."""
     context = top.context
     store, disk, seclog = context.store, context.queue.disk, context.security_log
-    left = give(store.spool, user) + give_log(seclog.path, user, store.spool)
+    left = give(store.spool, user, (disk.dir,)) + give_log(seclog.path, user, store.spool)
     for path in left:
-        log.warn("{path} has links outside the spool: its owner was not changed", path=path)
+        log.warn("{path} has other links: its owner was not changed, so {user} may not read it",
+                 path=path, user=str(user))
     check(user,
           [("--spool", p) for p in (store.spool, store.incoming, store.mail, disk.active, disk.tmp)],
           [("--security-log", seclog.path, bool(seclog.max_bytes))])

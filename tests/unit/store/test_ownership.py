@@ -54,9 +54,13 @@ def test_run_as():
     assert NOBODY.switches and not RunAs(0, 0, "root").switches
 
 
+def given(spool: Path, user: RunAs = NOBODY) -> list[str]:
+    return give(str(spool), user, (str(spool / "queue"),))
+
+
 def test_a_fresh_spool_becomes_the_users(public):
     spool = fresh_spool(public)
-    assert give(str(spool), NOBODY) == []
+    assert given(spool) == []
     everything = [spool, *spool.rglob("*")]
     assert len(everything) == 12
     assert {owner(p) for p in everything} == {(65534, 65534)}
@@ -65,9 +69,9 @@ def test_a_fresh_spool_becomes_the_users(public):
 
 def test_nothing_changes_when_no_user_switch_follows(public, monkeypatch):
     spool = fresh_spool(public)
-    assert give(str(spool), RunAs(0, 0, "root")) == []
+    assert given(spool, RunAs(0, 0, "root")) == []
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: twistd will not switch
-    assert give(str(spool), NOBODY) == []
+    assert given(spool) == []
     assert {owner(p) for p in [spool, *spool.rglob("*")]} == {(0, 0)}
 
 
@@ -77,24 +81,36 @@ def test_symbolic_links_are_never_followed(public):
     outside.mkdir()
     (outside / "secret").write_text("x")
     (spool / "mail" / "link-to-dir").symlink_to(outside)
-    (spool / "incoming" / "link-to-file").symlink_to(outside / "secret")
-    give(str(spool), NOBODY)
+    (spool / "queue" / "active" / "link-to-file").symlink_to(outside / "secret")
+    given(spool)
     assert owner(outside) == owner(outside / "secret") == (0, 0)
     assert owner(spool / "mail" / "link-to-dir") == (0, 0)  # the link itself is left alone too
 
 
-def test_a_file_with_links_outside_the_spool_is_left_alone(public):
-    """The hard-link trap: a link to a root file planted in the spool."""
+def test_a_file_with_links_elsewhere_is_left_alone(public):
+    """The hard-link trap: a link to a root file planted in the queue."""
     spool = fresh_spool(public)
     outside = public / "shadow"
     outside.write_text("root:x:0:0\n")
-    os.link(outside, spool / "incoming" / "planted")
-    # Links that stay inside the spool (a message in two Maildirs) are fine.
-    os.link(spool / "queue/active/Q1.env", spool / "incoming" / "also-Q1")
-    left = give(str(spool), NOBODY)
-    assert left == [str(spool / "incoming" / "planted")]
+    os.link(outside, spool / "queue" / "active" / "planted")
+    # Links that stay inside the queue are fine.
+    os.link(spool / "queue/active/Q1.env", spool / "queue" / "tmp" / "also-Q1")
+    left = given(spool)
+    assert left == [str(spool / "queue" / "active" / "planted")]
     assert owner(outside) == (0, 0)
-    assert owner(spool / "incoming" / "also-Q1") == owner(spool / "queue/active/Q1.env") == (65534, 65534)
+    assert owner(spool / "queue" / "tmp" / "also-Q1") == owner(spool / "queue/active/Q1.env") == (65534, 65534)
+
+
+def test_messages_in_maildirs_are_not_looked_at(public):
+    """mailguard only adds files to a Maildir: its directories matter, its
+    messages (all of a large spool) are left as they are."""
+    spool = fresh_spool(public)
+    message = spool / "mail/example.com/john/Maildir/new/1.mx"
+    message.write_text("Subject: old\n")
+    (spool / "incoming" / "left-by-a-crash").write_text("")
+    given(spool)
+    assert owner(message.parent) == (65534, 65534)
+    assert owner(message) == owner(spool / "incoming" / "left-by-a-crash") == (0, 0)
 
 
 def test_a_security_log_elsewhere(public):
@@ -126,7 +142,7 @@ def test_check_passes_once_given(public):
         check(NOBODY, dirs, log)
     assert str(e.value) == (f"--spool {spool}: nobody (uid 65534, gid 65534) cannot write: "
                             "give it to that user (chown/chmod) or choose another --spool")
-    give(str(spool), NOBODY)
+    given(spool)
     check(NOBODY, dirs, log)
 
 
@@ -134,7 +150,7 @@ def test_check_names_a_directory_above_that_the_user_cannot_enter(public):
     closed = public / "closed"
     closed.mkdir(mode=0o700)
     spool = fresh_spool(closed)
-    give(str(spool), NOBODY)
+    given(spool)
     with pytest.raises(SpoolError) as e:
         check(NOBODY, [("--spool", str(spool))])
     assert str(e.value) == (f"--spool {closed}: nobody (uid 65534, gid 65534) cannot enter (it is above "
@@ -181,3 +197,19 @@ def test_a_security_log_directory_is_made_whoever_runs(public):
         give_log(str(public / "file" / "security.log"), root, str(spool))
     assert str(e.value) == (f"--security-log {public / 'file' / 'security.log'}: cannot create "
                             f"{public / 'file'}: not a directory (running as root (uid 0, gid 0))")
+
+
+def test_a_path_swapped_for_a_link_after_the_walk_is_left_alone(public):
+    """Between the walk's lstat and the change, the entry is replaced by a
+    symbolic link to the very inode that was seen: still not followed."""
+    from mailguard.store import ownership
+
+    target = public / "target"
+    target.write_text("x")
+    seen = os.lstat(target)
+    link = public / "entry"
+    link.symlink_to(target)
+    assert ownership._chown(str(link), seen, NOBODY, links=1) is False
+    assert owner(target) == (0, 0)
+    assert ownership._chown(str(target), seen, NOBODY, links=1) is True
+    assert owner(target) == (65534, 65534)
