@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from mailguard.store.durable import missing_dirs
+
 __all__ = ["RunAs", "SpoolError", "check", "give", "give_log", "run_as"]
 
 
@@ -179,16 +181,8 @@ def _chown(path: str, st: os.stat_result, user: RunAs, *, links: int) -> bool:
 def _makedirs(directory: str) -> list[str]:
     """Create C{directory} and missing parents (mode 0750); the ones
     created, top first."""
-    missing = []
-    p = directory
-    while not os.path.isdir(p):
-        missing.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
     created = []
-    for d in reversed(missing):
+    for d in missing_dirs(directory):
         try:
             os.mkdir(d, 0o750)
             created.append(d)
