@@ -197,8 +197,10 @@ def start(options: Options, reactor):
     spool = os.path.abspath(options["spool"])
     try:
         top = build_service(options.config, dict(options), reactor, options.tables)
-    except OSError as e:
-        raise StartupError(f"--spool {spool}: cannot create {e.filename or spool}: "
+    except OSError as e:  # the spool could not be made or opened
+        path = e.filename or spool
+        verb = "use" if os.path.exists(path) else "create"
+        raise StartupError(f"--spool {spool}: cannot {verb} {path}: "
                            f"{(e.strerror or str(e)).lower()} (running as {run_as()})") from None
     _give_spool(top, user)
     for listener in top.listeners:
@@ -245,7 +247,7 @@ def _loopback_only(top) -> None:
     """Without --config the embedded example runs, and its accounts are in
     the README: never where anyone but this host can reach it."""
     for listener in top.listeners:
-        if not is_local(listener.port.getHost()):
+        if listener.port is None or not is_local(listener.port.getHost()):
             raise StartupError(
                 f"--{listener.kind} {listener.description} listens on {listener.address()}, "
                 "which is not loopback: without --config mailguard runs the embedded example, "
