@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import os
 import resource
+from functools import partial
 from typing import Any, Mapping
 
-from twisted.application import service
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailguard.config.settings import Configuration
+from mailguard.config.settings import EMBEDDED_NAME, Configuration
+from mailguard.lifecycle import MailguardService
 from mailguard.store.durable import DirSyncer, disk_runner, run_in_thread
 from mailguard.store.maildir import MaildirStore
 from mailguard.smtpd.factory import MailguardFactory, ServerContext
 from mailguard.config.problems import ConfigError, errors
 from mailguard.gateway.build import build_gateway
 from mailguard.interfaces import IUserDirectory
-from mailguard.policy.build import Tables, build_policies, build_tables
+from mailguard.policy.build import Tables, build_policies, build_tables, read_checked
 from mailguard.config.values import parse_host_port
 from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
@@ -128,46 +129,50 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
     )
 
 
-def make_listener(context: ServerContext, kind: str, desc: str, reactor) -> Listener:
+def make_listener(top: MailguardService, kind: str, desc: str, reactor) -> Listener:
     """The L{Listener} of C{kind} on the endpoint C{desc} (not yet
     listening); a bad description raises L{ListenError}."""
     # haproxy:ENDPOINT is handled here, not by Twisted's parser: the
     # session must start only once the PROXY header names the client
     # (mailguard.smtpd.proxy).
     inner, proxied = split_proxy(desc)
-    factory = MailguardFactory(context, kind)
+    factory = MailguardFactory(top.context, kind)
+    top.factories.append(factory)  # a reload gives it the new context
     if kind == "smtps" and not inner.startswith("ssl:"):
         # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
-        # inside the plain-text PROXY header.
-        factory = TLSMemoryBIOFactory(context.tls, False, factory)
+        # inside the plain-text PROXY header; the certificate of the
+        # current generation (a reload loads it again).
+        factory = TLSMemoryBIOFactory(tls_mod.CurrentContext(lambda: top.context.tls), False, factory)
     if proxied:
         factory = ProxyHeaderFactory(factory, reactor)
     return Listener(kind, desc, parse(reactor, kind, desc), factory)
 
 
 def build_service(config: Configuration, options: Mapping[str, Any], reactor,
-                  tables: Tables | None = None) -> service.MultiService:
-    """The mailguard MultiService: one L{Listener} per endpoint of each
-    listener kind (C{options["smtp"]} and the others: one description or a
-    list of them), in C{top.listeners}.
+                  tables: Tables | None = None) -> MailguardService:
+    """The mailguard service: one L{Listener} per endpoint of each listener
+    kind (C{options["smtp"]} and the others: one description or a list of
+    them; C{top.listeners}), the relay queue, the gateway; it reloads and
+    stops gracefully (L{mailguard.lifecycle}).
 
     @param tables: the IP groups, directory and passwords already built
         from C{config} (by L{mailguard.policy.build.load}); built here if
-        not given (errors raise L{ConfigError})."""
+        not given (errors raise L{ConfigError}).
+    @param options: also where a reload reads from: C{config} (else
+        C{config.source}, unless that is the embedded example), C{users}."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     context = build_context(config, opts, reactor, tables)
-    top = service.MultiService()
-    top.context = context  # for embedding applications and tests
-    context.queue.setServiceParent(top)
     gateway = getattr(context.recipients, "gateway", None)
+    path = opts.get("config") or (None if config.source == EMBEDDED_NAME else config.source)
+    tls_files = (opts["tls-cert"], opts["tls-key"]) if opts["tls-cert"] else None
+    top = MailguardService(context, reactor, gateway=gateway, tls_files=tls_files, run=run_in_thread(reactor),
+                           read=partial(read_checked, path, opts.get("users"), relay_host=opts["relay-host"]))
+    context.queue.setServiceParent(top)
     if gateway is not None:  # stopping says QUIT to the back-end
         gateway.setServiceParent(top)
-    top.listeners = []
     for kind in KINDS:
         for desc in listener_values(opts[kind]):
-            listener = make_listener(context, kind, desc, reactor)
-            listener.setServiceParent(top)
-            top.listeners.append(listener)
+            make_listener(top, kind, desc, reactor).setServiceParent(top)
     if listener_values(opts["submission"]) and context.tls is None:
         log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                  "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")

@@ -27,8 +27,8 @@ from mailguard.config.problems import errors
 from mailguard.config.settings import users_file
 from mailguard.config.values import parse_host_port
 from mailguard.policy import build
-from mailguard.policy.checks import findings
 from mailguard.service import DEFAULTS, build_service
+from mailguard.signals import ProcessSignals
 from mailguard.smtpd.listener import KINDS, ListenError, is_local, parse, split_proxy
 from mailguard.store.ownership import SpoolError, check, give, give_log, run_as
 
@@ -114,10 +114,8 @@ class Options(usage.Options):
         self._run_as()
         # Errors refuse to start, one FILE:LINE line each; warnings (the
         # reading's and the rules') are logged once logging has begun.
-        config, tables, problems = build.read(self["config"], self["users"])
-        if config is not None and tables is not None:
-            problems = problems + findings(config, tables, relay_host=self["relay-host"],
-                                           startup=True)
+        config, tables, problems = build.read_checked(self["config"], self["users"],
+                                                      relay_host=self["relay-host"])
         if errors(problems) or config is None or tables is None:
             raise ConfigRefused("\n".join(str(p) for p in errors(problems)))
         self.config, self.tables = config, tables
@@ -211,6 +209,7 @@ def start(options: Options, reactor):
         log.info("listening: {kind} on {address}{proxy} ({endpoint})", kind=listener.kind,
                  address=listener.address(), endpoint=listener.description,
                  proxy=" behind a PROXY-protocol load balancer" if listener.proxied else "")
+    ProcessSignals(top, reactor).setServiceParent(top)  # last: it says READY once all listen
     return top
 
 

@@ -11,7 +11,7 @@ it without importing the protocol.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from twisted.internet import defer
@@ -64,6 +64,7 @@ class Connections:
         self.sessions: set = set()
         self.stopping = False
         self._clock = clock
+        self._emptied: list[defer.Deferred] = []
 
     def open(self, key, session: Session) -> R.Reply | None:
         """Count the connection C{key} (its protocol), or the refusal."""
@@ -88,6 +89,18 @@ class Connections:
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+        if not self.sessions and self._emptied:
+            waiters, self._emptied = self._emptied, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_empty(self) -> defer.Deferred:
+        """Fires once no connection is open (at once if none is)."""
+        if not self.sessions:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._emptied.append(d)
+        return d
 
     def stop(self) -> None:
         """The server is shutting down (a reactor "before shutdown" trigger)."""
@@ -128,6 +141,19 @@ class ServerContext:
         if self.connections is None:
             self.connections = Connections(self.config.max_connections, self.config.max_connections_per_ip,
                                            self._limit_exempt, self.clock)
+
+    def renewed(self, config: Configuration, policies: Policies,
+                tls: CertificateOptions | None = None) -> "ServerContext":
+        """The next generation, for a configuration reload: the new
+        configuration and policies (and TLS context, if given), with the
+        long-lived pieces carried on -- the store, the queue, the security
+        log, the connection counters (under the new limits).  Sessions in
+        progress keep the generation they started with."""
+        new = replace(self, config=config, policies=policies, tls=self.tls if tls is None else tls)
+        counters = self.connections
+        counters.max_total, counters.max_per_ip = config.max_connections, config.max_connections_per_ip
+        counters.exempt = new._limit_exempt
+        return new
 
     def _limit_exempt(self, session: Session) -> bool:
         return connection_limit_exempt(session, self.greeting, self.trust)
