@@ -8,6 +8,7 @@ once (they only fail), and each test reads its own outcome.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import free_port, write_config
+from tests.conftest import write_config
 from tests.e2e.startup_helpers import (
     CAP_DAC_OVERRIDE,
     CAP_DAC_READ_SEARCH,
@@ -57,8 +58,6 @@ class Lab:
         self.rootlog = public / "rootlog"
         self.rootlog.mkdir(mode=0o755)
         if IS_ROOT:
-            import os
-
             os.chown(self.nobodys, 65534, 65534)
 
     def spool(self, name: str) -> str:
