@@ -49,7 +49,7 @@ from mailguard.config.problems import Problem, errors
 from mailguard.policy.build import build_policies
 from mailguard.smtpd.context import ServerContext
 from mailguard.smtpd.drain import Drain
-from mailguard.smtpd.listener import Listener
+from mailguard.smtpd.listener import KINDS, Listener
 from mailguard.store.durable import run_inline
 from mailguard.store.notices import directory_router
 
@@ -108,8 +108,9 @@ class MailguardService(service.MultiService):
 
     @property
     def listeners(self) -> list[Listener]:
-        """The listeners, in the order they were added."""
-        return [s for s in self if isinstance(s, Listener)]
+        """The SMTP listeners, in the order they were added (not
+        ``--metrics``: it serves until the rest stops)."""
+        return [s for s in self if isinstance(s, Listener) and s.kind in KINDS]
 
     # -- reload --------------------------------------------------------------------------
     def reload(self) -> defer.Deferred:
@@ -188,6 +189,7 @@ class MailguardService(service.MultiService):
         ctx = self.context
         if hasattr(ctx.security_log, "max_bytes"):
             ctx.security_log.max_bytes = config.security_log_max_bytes
+            ctx.security_log.generations = config.security_log_generations
         if hasattr(ctx.queue, "reconfigure"):
             ctx.queue.reconfigure(hostname=config.hostname, lifetime=config.queue_lifetime,
                                   retry_min=config.queue_retry_min, retry_max=config.queue_retry_max,

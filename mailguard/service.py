@@ -17,6 +17,7 @@ import resource
 from functools import partial
 from typing import Any, Mapping
 
+from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -35,6 +36,7 @@ from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
 from mailguard.smtpd.listener import KINDS, Listener, listener_values, parse, split_proxy
 from mailguard.smtpd.proxy import ProxyHeaderFactory
+from mailguard.store.control import ControlFactory, control_path
 from mailguard.smtpd.seclog import SecurityLog
 from mailguard.smtpd import tls as tls_mod
 
@@ -49,6 +51,7 @@ DEFAULTS = {
     "spool": "./mailguard-data",
     "security-log": None,
     "relay-host": None,
+    "metrics": None,
 }
 
 
@@ -97,7 +100,8 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor,
         clock=reactor,
         policies=policies,
         store=store,
-        security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes),
+        security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes,
+                                 generations=config.security_log_generations),
         tls=tls,
         queue=queue,
         dsn=True,
@@ -148,6 +152,28 @@ def make_listener(top: MailguardService, kind: str, desc: str, reactor) -> Liste
     return Listener(kind, desc, parse(reactor, kind, desc), factory)
 
 
+def _control(top: MailguardService, reactor, queue: RelayQueue, spool: str) -> None:
+    """The queue's control socket, SPOOL/control (mailguard.store.control)."""
+    path = control_path(spool)
+    endpoint = endpoints.UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
+    # A Listener, so that twistd mailguard binds it before forking too.
+    Listener("control", path, endpoint, ControlFactory(queue),
+             label=f"--spool {os.path.abspath(spool)}: the queue's control socket").setServiceParent(top)
+
+
+def _metrics(top: MailguardService, reactor, context: ServerContext, description: str) -> None:
+    """``--metrics ENDPOINT``: /metrics for Prometheus (mailguard.metrics)."""
+    from mailguard import metrics
+
+    collector = metrics.MailguardCollector(lambda: top.context, context.queue,
+                                           getattr(context.recipients, "gateway", None),
+                                           metrics.on_reactor_of(reactor))
+    site = metrics.metrics_site(reactor, metrics.registry_for(collector))
+    # A Listener, so that twistd mailguard binds it before forking too.
+    Listener("metrics", description, parse(reactor, "metrics", description), site).setServiceParent(top)
+    top.metrics = collector
+
+
 def build_service(config: Configuration, options: Mapping[str, Any], reactor,
                   tables: Tables | None = None) -> MailguardService:
     """The mailguard service: one L{Listener} per endpoint of each listener
@@ -173,6 +199,9 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
     for kind in KINDS:
         for desc in listener_values(opts[kind]):
             make_listener(top, kind, desc, reactor).setServiceParent(top)
+    _control(top, reactor, context.queue, opts["spool"])
+    if opts["metrics"]:
+        _metrics(top, reactor, context, opts["metrics"])
     if listener_values(opts["submission"]) and context.tls is None:
         log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                  "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")

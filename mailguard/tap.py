@@ -27,10 +27,12 @@ from mailguard.config.problems import errors
 from mailguard.config.settings import users_file
 from mailguard.config.values import parse_host_port
 from mailguard.policy import build
+from mailguard.logs import SyslogFacility
 from mailguard.service import DEFAULTS, build_service
 from mailguard.signals import ProcessSignals
-from mailguard.smtpd.listener import KINDS, ListenError, is_local, parse, split_proxy
+from mailguard.smtpd.listener import KINDS, Listener, ListenError, is_local, parse, split_proxy
 from mailguard.store.ownership import SpoolError, check, give, give_log, run_as
+from mailguard.store.control import MAX_PATH, control_path
 
 log = Logger()
 
@@ -64,6 +66,8 @@ class Options(usage.Options):
         ["spool", None, DEFAULTS["spool"], "Directory for Maildirs, the relay queue and the security log."],
         ["security-log", None, None, "Security log file (default: SPOOL/security.log)."],
         ["relay-host", None, None, "HOST:PORT of the smart host / back-end that relayed and gateway mail goes to."],
+        ["metrics", None, None, "ENDPOINT serving Prometheus metrics at /metrics, e.g. tcp:9125:interface=127.0.0.1. "
+                                "Default: off."],
     ]
 
     def __init__(self) -> None:
@@ -110,6 +114,9 @@ class Options(usage.Options):
                 parse_host_port(self["relay-host"])
             except ValueError as e:
                 raise usage.UsageError(f"--relay-host: {e}")
+        if len(control_path(self["spool"]).encode()) > MAX_PATH:
+            raise usage.UsageError(f"--spool: the path is too long for the queue's control socket "
+                                   f"{control_path(self['spool'])!r} (at most {MAX_PATH} bytes)")
         self._listeners()
         self._run_as()
         # Errors refuse to start, one FILE:LINE line each; warnings (the
@@ -153,6 +160,14 @@ class Options(usage.Options):
                     parse(reactor, kind, desc)
                 except ListenError as e:
                     raise usage.UsageError(str(e))
+        if self["metrics"]:
+            if ":" not in self["metrics"]:
+                raise usage.UsageError(f"--metrics must be an endpoint description such as tcp:2525, "
+                                       f"got {self['metrics']!r}")
+            try:
+                parse(reactor, "metrics", self["metrics"])
+            except ListenError as e:
+                raise usage.UsageError(str(e))
 
     def _run_as(self) -> None:
         """twistd's --uid/--gid need root; say so now rather than after the
@@ -201,14 +216,19 @@ def start(options: Options, reactor):
         raise StartupError(f"--spool {spool}: cannot {verb} {path}: "
                            f"{(e.strerror or str(e)).lower()} (running as {run_as()})") from None
     _give_spool(top, user)
-    for listener in top.listeners:
+    listeners = [s for s in top if isinstance(s, Listener)]  # --metrics too
+    for listener in listeners:
         listener.listen()
     if options["config"] is None:
         _loopback_only(top)
-    for listener in top.listeners:
+    for listener in listeners:
         log.info("listening: {kind} on {address}{proxy} ({endpoint})", kind=listener.kind,
                  address=listener.address(), endpoint=listener.description,
                  proxy=" behind a PROXY-protocol load balancer" if listener.proxied else "")
+    twistd = getattr(options, "parent", None)
+    if twistd is not None and twistd.get("syslog"):
+        # twistd --syslog opens syslog as facility user, without the pid.
+        SyslogFacility(twistd.get("prefix") or "mailguard").setServiceParent(top)
     ProcessSignals(top, reactor).setServiceParent(top)  # last: it says READY once all listen
     return top
 

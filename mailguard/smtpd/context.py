@@ -33,6 +33,7 @@ from mailguard.interfaces import (
 from mailguard.policy.build import Policies
 from mailguard.policy.rules import connection_limit_exempt
 from mailguard.policy.session import Session
+from mailguard.smtpd.stats import Stats
 
 __all__ = ["Connections", "ServerContext"]
 
@@ -136,6 +137,7 @@ class ServerContext:
     dsn: bool = False  # advertise and accept DSN parameters
     run_blocking: Callable[..., defer.Deferred] = _run_inline  # slow work (PBKDF2) off the reactor
     connections: Connections = field(default=None)  # type: ignore[assignment]
+    stats: Stats = field(default_factory=Stats)  # the counters the metrics read
 
     def __post_init__(self) -> None:
         if self.connections is None:

@@ -17,7 +17,7 @@ from mailguard import replies as R
 from mailguard.policy.addresses import parse_etrn_argument
 from mailguard.policy.rules import auth_mechanisms, etrn_refusal
 from mailguard.smtpd import events as E
-from mailguard.smtpd import sasl
+from mailguard.smtpd import sasl, sessionlog
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND
 
 log = Logger()
@@ -44,7 +44,7 @@ class Extensions:
         if self._buffer:
             # Plain text pipelined behind STARTTLS (the command injection
             # flaw, CVE-2011-0411 and its kin): never run it inside TLS.
-            log.warn("discarded {n} bytes pipelined after STARTTLS from {ip}",
+            log.warn("discarded {n} bytes pipelined after STARTTLS session={session} ip={ip}", session=self.sid,
                      n=len(self._buffer), ip=self.facts.client_ip)
             self._buffer = b""
         self._send(R.READY_TLS)
@@ -73,6 +73,7 @@ class Extensions:
         if mech not in self._mechanisms():
             return self._error(R.AUTH_MECHANISM_UNKNOWN)
         initial = initial.strip()
+        self._mech, self._auth_user = mech, None
         self._sasl = sasl.start(mech, hostname=self.context.hostname,
                                 now=self.context.clock.seconds(), token=self._token)
         self._auth_step(self._sasl.first(initial.encode("ascii", "replace") if initial else None))
@@ -86,7 +87,7 @@ class Extensions:
         try:
             step(arg)
         except Exception as e:
-            log.error("internal error in AUTH: {exc}", exc=type(e).__name__)
+            log.error("internal error in AUTH: {exc} session={session}", exc=type(e).__name__, session=self.sid)
             self._auth_internal_error()
 
     def _auth_step(self, step) -> None:
@@ -101,15 +102,19 @@ class Extensions:
         elif step is sasl.DENIED:
             self._auth_result(None)
         else:
+            self._auth_user = step.username
             self._request(E.CheckCredentials(step))
 
     def _auth_result(self, who: str | None) -> None:
+        stats = self.context.stats.auth
         if who:
             self.facts = replace(self.facts, authenticated=who)
-            log.info("AUTH ok: {who} from {ip}", who=who, ip=self.facts.client_ip)
+            stats["success"] += 1
+            sessionlog.auth(self.sid, self.facts, self._mech, "ok", who)
             return self._send(R.AUTH_OK)
         self.auth_failures += 1
-        log.info("AUTH failed from {ip} ({n})", ip=self.facts.client_ip, n=self.auth_failures)
+        stats["failure"] += 1
+        sessionlog.auth(self.sid, self.facts, self._mech, "failed", self._auth_user, self.auth_failures)
         if self.auth_failures >= max(1, self.context.config.max_auth_failures):
             return self.close(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
         self._request(E.AuthFailureDelay(float(self.auth_failures)))  # 1 s, 2 s, ...
@@ -117,6 +122,8 @@ class Extensions:
     def _auth_internal_error(self) -> None:
         """Answer 454 4.7.0 (RFC 4954 6); the cause was logged by type only."""
         self._sasl = None
+        self.context.stats.auth["error"] += 1
+        sessionlog.auth(self.sid, self.facts, self._mech, "error", self._auth_user)
         if self.mode is not CLOSED:
             self.mode = COMMAND
             self._send(R.AUTH_TEMPORARY)

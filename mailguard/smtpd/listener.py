@@ -96,8 +96,11 @@ def _listen_problem(e: BaseException) -> str:
     if isinstance(e, OverflowError):
         return "the port must be 0 to 65535"
     if isinstance(e, CannotListenError):
-        host = e.interface or "*"
-        where = f"[{host}]:{e.port}" if ":" in host else f"{host}:{e.port}"
+        if e.interface is None:  # a UNIX socket: the port is its path
+            where = str(e.port)
+        else:
+            host = e.interface or "*"
+            where = f"[{host}]:{e.port}" if ":" in host else f"{host}:{e.port}"
         return f"cannot listen on {where}: {_socket_problem(e.socketError, e.port)}"
     if isinstance(e, OSError):
         return _socket_problem(e, None)
@@ -105,6 +108,8 @@ def _listen_problem(e: BaseException) -> str:
 
 
 def _socket_problem(e, port) -> str:
+    if e == "Cannot acquire lock":  # Twisted's UNIX port with wantPID
+        return "its lock is held by a running process (is another mailguard running on this spool?)"
     if isinstance(e, socket.gaierror):
         return f"unknown interface address ({e.strerror or e})"
     code = getattr(e, "errno", None)
@@ -155,9 +160,10 @@ class Listener(service.Service):
     @ivar port: the C{IListeningPort} once listening, else None.
     """
 
-    def __init__(self, kind: str, description: str, endpoint, factory) -> None:
+    def __init__(self, kind: str, description: str, endpoint, factory, label: str | None = None) -> None:
         self.kind = kind
         self.description = description
+        self.label = label or f"--{kind} {description}"  # what a mistake names
         self.endpoint = endpoint
         self.factory = factory
         self.proxied = split_proxy(description)[1]
@@ -180,7 +186,7 @@ class Listener(service.Service):
             d.addErrback(self._late_failure)
             return None
         if isinstance(results[0], Failure):
-            raise ListenError(f"--{self.kind} {self.description}: {_listen_problem(results[0].value)}")
+            raise ListenError(f"{self.label}: {_listen_problem(results[0].value)}")
         self._listening(results[0])
         return self.port
 
@@ -191,8 +197,7 @@ class Listener(service.Service):
         self._pending = None
         if failure.check(defer.CancelledError):
             return
-        log.critical("--{kind} {endpoint}: {problem}", kind=self.kind, endpoint=self.description,
-                     problem=_listen_problem(failure.value))
+        log.critical("{label}: {problem}", label=self.label, problem=_listen_problem(failure.value))
 
     def address(self) -> str:
         """Where it listens (the real port, also when given as 0)."""

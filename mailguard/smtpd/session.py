@@ -34,6 +34,7 @@ from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, mail_
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
+from mailguard.smtpd import sessionlog
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
 from mailguard.smtpd.extensions import Extensions
 from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
@@ -61,15 +62,19 @@ class ServerSession(Extensions):
         L{mailguard.smtpd.context.ServerContext}.  Only plain decisions are
         made with it here; everything that waits is a request.
     @param token: randomness for the CRAM-MD5 nonce.
+    @param sid: the session id every log line of the session carries
+        (L{mailguard.smtpd.sessionlog}).
     """
 
     __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
                  "_token", "_buffer", "_events", "_out", "_pending", "_lines", "_data", "_data_failed",
-                 "_envelope", "_sasl", "_stopping")
+                 "_envelope", "_sasl", "_stopping", "sid", "commands", "refusals", "messages", "_verb",
+                 "_rcpt", "_detail", "_mech", "_auth_user", "_size")
 
     def __init__(self, facts: Session, context: ServerContext,
-                 token: Callable[[int], str] = secrets.token_hex) -> None:
+                 token: Callable[[int], str] = secrets.token_hex, sid: str = "") -> None:
         self.facts = facts
+        self.sid = sid
         self.context = context
         self.mode = COMMAND
         self.transaction: Transaction | None = None
@@ -88,6 +93,8 @@ class ServerSession(Extensions):
         self.junk = 0
         self.vrfy_asked = 0
         self.auth_failures = 0
+        self.commands = self.refusals = self.messages = self._size = 0
+        self._verb = self._rcpt = self._detail = self._mech = self._auth_user = None
 
     # -- the h11-style surface ----------------------------------------------------------
     def greet(self) -> None:
@@ -169,11 +176,15 @@ class ServerSession(Extensions):
         if self.mode is DATA:
             self._data_fail(R.STORAGE_ERROR)
 
-    def close(self, reply: R.Reply) -> None:
+    def close(self, reply: R.Reply, cause: str | None = None) -> None:
         """Say C{reply} after the replies held, then close (a timeout, or
-        too many errors).  Nothing more is read."""
+        too many errors).  Nothing more is read.  C{cause}: what the log
+        names as the command answered, when it is not the last command
+        (``timeout``)."""
         if self.mode is CLOSED:
             return
+        if cause is not None:
+            self._verb = cause
         self._buffer = _EMPTY
         self._send(reply)
         self.mode = CLOSED
@@ -208,6 +219,8 @@ class ServerSession(Extensions):
         mode = self.mode
         if mode is CLOSED:
             return
+        if reply.code >= 400:
+            self._refused(reply)
         data = reply.to_bytes(extra)
         if mode is COMMAND and b"\n" in self._buffer:
             self._out.append(data)  # more pipelined commands wait: answer them together
@@ -221,6 +234,16 @@ class ServerSession(Extensions):
         if self._out:
             self._events.append(E.Write(b"".join(self._out)))
             self._out = []
+
+    def _refused(self, reply: R.Reply) -> None:
+        """Every 4xx/5xx sent: one log line and the counters."""
+        self.refusals += 1
+        verb, transaction = self._verb, self.transaction
+        self.context.stats.refused(verb or "-", reply.code, reply.status)
+        sessionlog.reject(self.sid, self.facts, verb, reply,
+                          sender=transaction.mail_from if transaction is not None else None,
+                          rcpt=self._rcpt if verb == "RCPT" else None, detail=self._detail)
+        self._detail = None
 
     def _request(self, request: E.Request) -> None:
         self._pending = request
@@ -283,8 +306,11 @@ class ServerSession(Extensions):
             name = verb.decode("ascii").upper()
         except UnicodeDecodeError:
             name = ""
+        self.commands += 1
         if name not in _COMMANDS:
+            self._verb = "UNKNOWN"
             return self._error(R.UNKNOWN_COMMAND)
+        self._verb = name
         try:
             arg = rest.strip().decode("utf-8")
         except UnicodeDecodeError:
@@ -294,7 +320,7 @@ class ServerSession(Extensions):
         try:
             getattr(self, "smtp_" + name)(arg)
         except Exception:
-            log.failure("error handling {verb}", verb=name)
+            log.failure("error handling {verb} session={session}", verb=name, session=self.sid)
             self._send(R.LOCAL_ERROR)
 
     # -- session commands -----------------------------------------------------------------
@@ -386,6 +412,7 @@ class ServerSession(Extensions):
             mailbox, params = parse_rcpt_to(arg, postmaster_domain=domains[0].name if domains else None)
         except AddressError as e:
             return self._error(e.reply)
+        self._rcpt = mailbox.address
         refusal = rcpt_parameters(params, dsn=check_rcpt_parameter if self.context.dsn else None)
         if refusal is not None:
             return self._refuse(refusal)
@@ -399,8 +426,7 @@ class ServerSession(Extensions):
             if self.transaction is not None:
                 self.transaction.recipients.append((verdict, request.params))
         else:
-            log.info("RCPT refused: {ip} <{rcpt}>: {reason}", ip=self.facts.client_ip,
-                     rcpt=request.mailbox.address, reason=verdict.reason)
+            self._detail = verdict.reason
         self._send(verdict.reply)
 
     def smtp_DATA(self, arg: str) -> None:
@@ -431,8 +457,8 @@ class ServerSession(Extensions):
         if event is F.BARE_LINE_ENDING:
             # SMTP smuggling defence (Postfix smtpd_forbid_bare_newline): a
             # bare CR or LF in DATA is refused and the session closed, so
-            # nothing after it is read as commands or as the end of DATA.
-            log.info("bare CR/LF in DATA from {ip}: refused, closing", ip=self.facts.client_ip)
+            # nothing after it is read as commands or as the end of DATA
+            # (the reject line says so).
             self._events.append(E.AbortMessage())
             return self.close(R.BARE_LINE_ENDING)
         self._data_fail(_DATA_FAILURES[event])
@@ -447,17 +473,23 @@ class ServerSession(Extensions):
     def _data_end(self) -> None:
         failed, envelope = self._data_failed, self._envelope
         self.mode = COMMAND
+        self._size = self._data.size
         self._data = self._data_failed = self._envelope = None
-        self.transaction = None
         if failed is not None:
-            return self._send(failed)
+            self._send(failed)  # logged with the transaction's sender
+            self.transaction = None
+            return
+        self.transaction = None
         self._request(E.CommitMessage(envelope))
 
     def _stored(self, envelope) -> None:
-        log.info("accepted {id} from <{sender}> ({ip}) to {rcpts}", id=envelope.message_id,
-                 sender=envelope.mail_from, ip=envelope.client_ip,
-                 rcpts=list(envelope.mailboxes + envelope.relay_recipients))
+        queued = envelope.message_id.split(".")[1]
+        size = self._size
+        self.messages += 1
+        stats = self.context.stats
+        stats.messages_accepted += 1
+        stats.bytes_accepted += size
+        sessionlog.accepted(self.sid, self.facts, queued, envelope, size)
         # The store has handed relayed recipients to the queue, which tries
         # them at once (no kick: that would end every entry's back-off too).
-        queued = envelope.message_id.split(".")[1]
         self._send(R.MESSAGE_ACCEPTED.with_text(f"Ok: queued as {queued}"))
