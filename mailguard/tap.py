@@ -20,7 +20,7 @@ import re
 import sys
 
 from twisted.logger import Logger
-from twisted.python import usage
+from twisted.python import lockfile, usage
 
 from mailguard import version_line
 from mailguard.config.problems import errors
@@ -208,6 +208,7 @@ def start(options: Options, reactor):
     parent = getattr(options, "parent", None) or {}
     user = run_as(parent.get("uid"), parent.get("gid"))
     spool = os.path.abspath(options["spool"])
+    _spool_not_in_use(spool)
     try:
         top = build_service(options.config, dict(options), reactor, options.tables)
     except OSError as e:  # the spool could not be made or opened
@@ -231,6 +232,20 @@ def start(options: Options, reactor):
         SyslogFacility(twistd.get("prefix") or "mailguard").setServiceParent(top)
     ProcessSignals(top, reactor).setServiceParent(top)  # last: it says READY once all listen
     return top
+
+
+def _spool_not_in_use(spool: str) -> None:
+    """Opening the store clears what a crash left in SPOOL/incoming: on the
+    spool of a running mailguard, that would be the messages it is
+    receiving.  Its control socket's lock says whether one runs."""
+    lock = control_path(spool) + ".lock"
+    try:
+        held = os.path.lexists(lock) and lockfile.isLocked(lock)
+    except OSError:
+        held = False  # cannot tell; binding the control socket will
+    if held:
+        raise StartupError(f"--spool {spool}: another mailguard is running on this spool (it holds {lock}); "
+                           "stop it, or choose another --spool")
 
 
 def _log_configuration(options: Options) -> None:

@@ -97,7 +97,7 @@ def _listen_problem(e: BaseException) -> str:
         return "the port must be 0 to 65535"
     if isinstance(e, CannotListenError):
         if e.interface is None:  # a UNIX socket: the port is its path
-            where = str(e.port)
+            where = os.fsdecode(e.port)
         else:
             host = e.interface or "*"
             where = f"[{host}]:{e.port}" if ":" in host else f"{host}:{e.port}"

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import write_config
+from tests.conftest import Twistd, free_port, write_config
 from tests.e2e.startup_helpers import (
     CAP_DAC_OVERRIDE,
     CAP_DAC_READ_SEARCH,
@@ -45,6 +45,13 @@ class Lab:
         self.gateway.write_text('<?xml version="1.0" encoding="UTF-8"?>\n<config>\n'
                                 '  <variable name="InternetHostname">mx.example.com</variable>\n'
                                 '  <variable name="GatewayEnabled">1</variable>\n</config>\n')
+        # A mailguard running on its spool.
+        self.running_spool = public / "running"
+        port = free_port()
+        self.running = Twistd(public, ["--config", str(self.cfg), "--spool", str(self.running_spool),
+                                       "--smtp", f"tcp:{port}:interface=127.0.0.1"], port)
+        self.in_flight = self.running_spool / "incoming" / "a-message-being-received"
+        self.in_flight.write_bytes(b"Subject: half\r\n")
         # A port somebody else holds.
         self.holder = socket.socket()
         self.holder.bind(("127.0.0.1", 0))
@@ -65,6 +72,7 @@ class Lab:
 
     def close(self) -> None:
         self.holder.close()
+        self.running.stop()
 
 
 @dataclass
@@ -93,6 +101,10 @@ MISTAKES = [
                          "permission denied (a port below 1024 needs root: start twistd as root with "
                          "--uid/--gid, which drops privileges after binding)"],
             preexec=without(CAP_NET_BIND_SERVICE), root=True),
+    Mistake("spool-of-a-running-mailguard",
+            lambda lab: ["--config", str(lab.cfg), "--smtp", loopback(0), "--spool", str(lab.running_spool)],
+            lambda lab: [f"mailguard: --spool {lab.running_spool}: another mailguard is running on this spool "
+                         f"(it holds {lab.running_spool / 'control.lock'}); stop it, or choose another --spool"]),
     Mistake("misspelt-endpoint-parameter",
             lambda lab: ["--config", str(lab.cfg), "--smtp", "tcp:2525:interfce=127.0.0.1"],
             lambda lab: ['mailguard: --smtp tcp:2525:interfce=127.0.0.1: unknown parameter "interfce"']),
@@ -210,3 +222,12 @@ def test_a_start_up_mistake_is_one_line(outcomes, mistake, mode):
     assert returncode == 1
     # Nothing was left running or behind: a daemon never forked.
     assert not (where / "twistd.pid").exists()
+
+
+def test_a_second_mailguard_leaves_the_running_ones_spool_alone(outcomes):
+    """Refused before the store is opened, which would have removed the
+    messages the running one is receiving."""
+    lab, out = outcomes
+    assert out["spool-of-a-running-mailguard", "foreground"][0] == 1
+    assert lab.in_flight.read_bytes() == b"Subject: half\r\n"
+    assert lab.running.proc.poll() is None

@@ -295,7 +295,8 @@ def test_start_up_names_version_configuration_and_each_listener(tmp_path):
         "listening: smtp on 127.0.0.1:40001 (tcp:0:interface=127.0.0.1)",
         "listening: smtp on 127.0.0.1:2526 behind a PROXY-protocol load balancer "
         "(haproxy:tcp:2526:interface=127.0.0.1)",
-        "listening: submission on 127.0.0.1:40003 (tcp:0:interface=127.0.0.1)"]
+        "listening: submission on 127.0.0.1:40003 (tcp:0:interface=127.0.0.1)",
+        f"listening: control on {tmp_path / 'spool' / 'control'} ({tmp_path / 'spool' / 'control'})"]
     assert [listener.kind for listener in top.listeners] == ["smtp", "smtp", "submission"]
     assert [factory.listener for _, factory, _, _ in [reactor.tcpServers[0], reactor.tcpServers[2]]] == [
         "smtp", "submission"]
@@ -351,7 +352,9 @@ def test_twistd_syslog_is_reopened_as_mail_with_the_pid(tmp_path):
 
     def facility(*twistd_args):
         options = ServerOptions()
-        options.parseOptions([*twistd_args, "mailguard", "--spool", str(tmp_path),
+        # A spool each: the first service holds its control socket's lock.
+        spool = tmp_path / ("-".join(twistd_args) or "plain")
+        options.parseOptions([*twistd_args, "mailguard", "--spool", str(spool),
                               "--smtp", "tcp:0:interface=127.0.0.1"])  # no --config: loopback only
         top = tap.makeService(options.subOptions)
         return [s for s in top if isinstance(s, SyslogFacility)]

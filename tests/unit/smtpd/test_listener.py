@@ -88,6 +88,9 @@ def test_systemd_without_the_named_socket(monkeypatch):
      "cannot listen on 192.0.2.1:25: address not available (the interface is not an address of this host)"),
     (CannotListenError("nohost.invalid", 25, socket.gaierror(-2, "Name or service not known")),
      "cannot listen on nohost.invalid:25: unknown interface address (Name or service not known)"),
+    (CannotListenError(None, b"/var/spool/mailguard/control", "Cannot acquire lock"),
+     "cannot listen on /var/spool/mailguard/control: its lock is held by a running process "
+     "(is another mailguard running on this spool?)"),
     (OverflowError("bind(): port must be 0-65535."), "the port must be 0 to 65535"),
     (OSError(errno.EMFILE, "Too many open files"), "too many open files"),
 ])
