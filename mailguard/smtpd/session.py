@@ -48,7 +48,7 @@ log = Logger()
 JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN/ETRN before each counts as an error (Postfix smtpd_junk_command_limit)
 _COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "VRFY", "MAIL",
                        "RCPT", "DATA", "STARTTLS", "AUTH", "ETRN"})
-_DATA_FAILURES = {F.TEXT_LINE_TOO_LONG: R.DATA_LINE_TOO_LONG, F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG}
+_DATA_FAILURES = {F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG}
 _EMPTY = b""
 
 
@@ -434,7 +434,7 @@ class ServerSession(Extensions):
             return self._error(R.SYNTAX_ERROR)
         transaction = self.transaction
         if transaction is None:
-            return self._error(R.NEED_MAIL)
+            return self._error(R.NEED_MAIL_BEFORE_DATA)
         if not transaction.recipients:
             # RFC 2920 3.1: after pipelined RCPTs that all failed, 554.
             return self._error(R.NO_VALID_RECIPIENTS if transaction.attempts else R.NEED_RCPT)
