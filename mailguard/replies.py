@@ -51,6 +51,10 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, 
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session too long, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+# Per-address limits across connections (mailguard.policy.budgets)
+TOO_MANY_ERRORS_FROM_IP = Reply(421, "4.7.0", "Too many errors from your address, try again later")
+CONNECTION_RATE_LIMIT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+MESSAGE_RATE_LIMIT = Reply(421, "4.7.0", "Too much mail from your address, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 # --- generic ----------------------------------------------------------------
@@ -90,6 +94,7 @@ RECIPIENT_TRY_LATER = Reply(450, "4.4.3", "Recipient verification unavailable, t
 # back-end that answered with a temporary failure.
 BACKEND_NO_ANSWER = Reply(450, "4.4.1", "Recipient verification unavailable (no answer from the mail server), try again later")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by the authenticated user")
 
 # --- DATA -------------------------------------------------------------------
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -98,6 +103,7 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long in message data (RFC 5321 limit is 1000 octets)")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+NUL_IN_DATA = Reply(554, "5.6.0", "NUL characters in message data are not allowed (RFC 5322 section 2.3)")
 
 # --- VRFY / EXPN ------------------------------------------------------------
 VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
@@ -115,6 +121,7 @@ AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_LOCKED_OUT = Reply(454, "4.7.0", "Too many authentication failures from your address, try again later")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")

@@ -75,6 +75,17 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("SmtpVrfyLimit", "vrfy_limit", parse_uint, False),
     Scalar("SmtpMaxAuthFailures", "max_auth_failures", parse_uint, False),
     Scalar("SecurityLogMaxBytes", "security_log_max_bytes", parse_uint, False),
+    # abuse budgets (mailguard.policy.budgets; docs/abuse.md)
+    Scalar("SmtpSoftErrorLimit", "soft_error_limit", parse_uint, False),
+    Scalar("SmtpErrorSleepTime", "error_sleep_time", parse_seconds, False),
+    Scalar("SmtpRecipientOvershootLimit", "recipient_overshoot_limit", parse_uint, False),
+    Scalar("SmtpMaxErrorsPerIp", "max_errors_per_ip", parse_uint, False),
+    Scalar("SmtpMaxAuthFailuresPerIp", "max_auth_failures_per_ip", parse_uint, False),
+    Scalar("SmtpPerIpWindow", "per_ip_window", parse_seconds, False),
+    Scalar("SmtpConnectionRateLimit", "connection_rate_limit", parse_uint, False),
+    Scalar("SmtpMessageRateLimit", "message_rate_limit", parse_uint, False),
+    Scalar("SmtpMinDataRate", "min_data_rate", parse_uint, False),
+    Scalar("SmtpSenderLoginMatch", "sender_login_match", parse_bool, False),
     # gateway mode (mailguard.gateway.gateway; docs/gateway.md)
     Scalar("GatewayEnabled", "gateway_enabled", parse_bool, False),
     Scalar("GatewayDomains", "gateway_domains", parse_domain_list, False),
@@ -123,6 +134,16 @@ class Configuration:
     vrfy_limit: int = 20
     max_auth_failures: int = 5
     security_log_max_bytes: int = 10 * 1024 * 1024
+    soft_error_limit: int = 10
+    error_sleep_time: float = 1.0
+    recipient_overshoot_limit: int = 1000
+    max_errors_per_ip: int = 100
+    max_auth_failures_per_ip: int = 20
+    per_ip_window: float = 600.0
+    connection_rate_limit: int = 0
+    message_rate_limit: int = 0
+    min_data_rate: int = 500
+    sender_login_match: bool = True
     gateway_enabled: bool = False
     gateway_domains: tuple[str, ...] = ()  # empty: every Domain (and alias)
     gateway_backend: tuple[str, int] | None = None  # None: --relay-host

@@ -30,6 +30,7 @@ from mailguard.interfaces import (
     ITrustPolicy,
     IVrfyPolicy,
 )
+from mailguard.policy.budgets import ClientLimits
 from mailguard.policy.build import Policies
 from mailguard.policy.rules import connection_limit_exempt
 from mailguard.policy.session import Session
@@ -123,14 +124,24 @@ class ServerContext:
     dsn: bool = False  # advertise and accept DSN parameters
     run_blocking: Callable[..., defer.Deferred] = _run_inline  # slow work (PBKDF2) off the reactor
     connections: Connections = field(default=None)  # type: ignore[assignment]
+    # Per-address budgets across connections: made once per process (give
+    # the same one to the context a reload builds).
+    limits: ClientLimits = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.connections is None:
             self.connections = Connections(self.config.max_connections, self.config.max_connections_per_ip,
                                            self._limit_exempt, self.clock)
+        if self.limits is None:
+            self.limits = ClientLimits(self.clock)
 
     def _limit_exempt(self, session: Session) -> bool:
         return connection_limit_exempt(session, self.greeting, self.trust)
+
+    def exempt(self, session: Session) -> bool:
+        """Exempt from the per-address limits: the relay IP group and the
+        greeting-delay exceptions."""
+        return self._limit_exempt(session)
 
     @property
     def hostname(self) -> str:

@@ -41,12 +41,12 @@ class Extensions:
             return self._error(R.TLS_UNAVAILABLE)
         if arg:
             return self._error(R.SYNTAX_ERROR)
-        if self._buffer:
+        discarded = self._discard_input()
+        if discarded:
             # Plain text pipelined behind STARTTLS (the command injection
             # flaw, CVE-2011-0411 and its kin): never run it inside TLS.
             log.warn("discarded {n} bytes pipelined after STARTTLS from {ip}",
-                     n=len(self._buffer), ip=self.facts.client_ip)
-            self._buffer = b""
+                     n=discarded, ip=self.facts.client_ip)
         self._send(R.READY_TLS)
         self._events.append(E.StartTLS())
         # RFC 3207 4.2: forget everything learnt before TLS; EHLO again.
@@ -72,6 +72,11 @@ class Extensions:
             return self._error(R.AUTH_NEEDS_TLS)
         if mech not in self._mechanisms():
             return self._error(R.AUTH_MECHANISM_UNKNOWN)
+        ctx = self.context
+        limited = ctx.limits.at_auth(self.facts, ctx.exempt)
+        if limited is not None:  # locked out for failed AUTH: no password is checked
+            return self._error(limited.reply)
+        self._auth_attempt = (mech, "")
         initial = initial.strip()
         self._sasl = sasl.start(mech, hostname=self.context.hostname,
                                 now=self.context.clock.seconds(), token=self._token)
@@ -101,6 +106,7 @@ class Extensions:
         elif step is sasl.DENIED:
             self._auth_result(None)
         else:
+            self._auth_attempt = (self._auth_attempt[0], step.username)
             self._request(E.CheckCredentials(step))
 
     def _auth_result(self, who: str | None) -> None:
@@ -110,6 +116,12 @@ class Extensions:
             return self._send(R.AUTH_OK)
         self.auth_failures += 1
         log.info("AUTH failed from {ip} ({n})", ip=self.facts.client_ip, n=self.auth_failures)
+        ctx = self.context
+        mechanism, user = self._auth_attempt
+        self._report("auth-failed", {"mechanism": mechanism, "user": user})  # never the password
+        limited = ctx.limits.auth_failed(self.facts, ctx.config, ctx.exempt)
+        if limited is not None:
+            self._report(limited.event, limited.fields)
         if self.auth_failures >= max(1, self.context.config.max_auth_failures):
             return self.close(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
         self._request(E.AuthFailureDelay(float(self.auth_failures)))  # 1 s, 2 s, ...

@@ -24,6 +24,7 @@ __all__ = [
     "END_OF_DATA",
     "LINE_TOO_LONG",
     "MESSAGE_TOO_BIG",
+    "NUL_CHARACTER",
     "TEXT_LINE_MAX",
     "TEXT_LINE_TOO_LONG",
     "CommandReader",
@@ -34,6 +35,7 @@ COMMAND_LINE_MAX = 512  # RFC 5321 4.5.3.1.4, CRLF included
 AUTH_LINE_MAX = 12288  # RFC 4954 section 4
 TEXT_LINE_MAX = 1000  # RFC 5321 4.5.3.1.6, CRLF included
 _AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
+_AUTH_FIRST = frozenset(b"aA \t")  # what an AUTH line can start with
 _EMPTY = b""
 
 
@@ -56,6 +58,7 @@ END_OF_DATA = _Event("END_OF_DATA")  # the terminating "." line
 BARE_LINE_ENDING = _Event("BARE_LINE_ENDING")  # a CR or LF not in a CRLF pair (smuggling)
 TEXT_LINE_TOO_LONG = _Event("TEXT_LINE_TOO_LONG")  # a DATA line over TEXT_LINE_MAX
 MESSAGE_TOO_BIG = _Event("MESSAGE_TOO_BIG")  # the unstuffed size passed the limit
+NUL_CHARACTER = _Event("NUL_CHARACTER")  # a NUL octet in the message (RFC 5322 2.3, RFC 6152)
 
 
 class CommandReader:
@@ -79,34 +82,45 @@ class CommandReader:
 
         @param auth: an AUTH exchange is waiting for a response line.
         """
-        while buf:
-            limit = AUTH_LINE_MAX if auth or _AUTH_PREFIX.match(buf) else COMMAND_LINE_MAX
-            i = buf.find(b"\n")
+        line, pos = self.read_at(buf, 0, auth)
+        return line, buf[pos:]
+
+    def read_at(self, buf: bytes, pos: int, auth: bool = False) -> tuple[bytes | _Event | None, int]:
+        """As L{read}, from offset C{pos} of C{buf}; returns the offset of
+        the rest instead of a copy of it, so that reading thousands of
+        pipelined lines from one buffer costs each line, not each line
+        times the buffer."""
+        end = len(buf)
+        while pos < end:
+            first = buf[pos]
+            maybe_auth = first in _AUTH_FIRST and _AUTH_PREFIX.match(buf, pos) is not None
+            limit = AUTH_LINE_MAX if auth or maybe_auth else COMMAND_LINE_MAX
+            i = buf.find(b"\n", pos)
             if i < 0:
-                if len(buf) <= limit:
-                    return None, buf
+                if end - pos <= limit:
+                    return None, pos
                 if self._discarding:
-                    return None, _EMPTY
+                    return None, end
                 self._discarding = True
-                return LINE_TOO_LONG, _EMPTY
-            line, buf = buf[:i], buf[i + 1:]
+                return LINE_TOO_LONG, end
+            start, pos = pos, i + 1
             if self._discarding:  # the end of a line already reported
                 self._discarding = False
                 continue
-            if i + 1 > limit:
-                return LINE_TOO_LONG, buf
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            return line, buf
-        return None, buf
+            if pos - start > limit:
+                return LINE_TOO_LONG, pos
+            if i > start and buf[i - 1] == 13:  # CR
+                i -= 1
+            return buf[start:i], pos
+        return None, pos
 
 
 class DataReader:
     """The DATA stream of one message, up to its terminating ``.`` line.
 
     Events, one per L{read}: message bytes (unstuffed, CRLF line endings,
-    to store as they are); L{TEXT_LINE_TOO_LONG} or L{MESSAGE_TOO_BIG} the
-    first time the message fails (after which it is read to its end and
+    to store as they are); L{TEXT_LINE_TOO_LONG}, L{MESSAGE_TOO_BIG} or
+    L{NUL_CHARACTER} the first time the message fails (after which it is read to its end and
     nothing more is returned); L{BARE_LINE_ENDING} (SMTP smuggling: the
     caller must stop reading the stream); L{END_OF_DATA}.
 
@@ -168,6 +182,8 @@ class DataReader:
         at_line_start, self._at_line_start = self._at_line_start, True
         if self.failed is not None:
             return None  # read on to the final dot; the reply comes then
+        if b"\0" in block:  # never stored, so never relayed as sent
+            return self._fail(NUL_CHARACTER)
         if b"\n." not in block and not (at_line_start and block[:1] == b"."):
             data = block  # nothing to unstuff (most blocks): no copy
         elif at_line_start:

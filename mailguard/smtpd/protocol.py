@@ -3,9 +3,18 @@
 Everything that decides is elsewhere: framing, sequencing, budgets and
 replies in L{mailguard.smtpd.session.ServerSession} (sans-IO), the rules in
 L{mailguard.policy}.  What is left here moves bytes, timers and Deferreds:
-the greeting hold (Kerio's spam repellent), the idle and session timers,
-reading paused while a request waits, STARTTLS, the store, the policies
-that answer with Deferreds, and the slow-down after a failed AUTH.
+the greeting hold (Kerio's spam repellent), the deadline and session
+timers, reading paused while input or output waits (L{mailguard.smtpd.flow}),
+STARTTLS, the store, the policies that answer with Deferreds, the
+slow-downs after a failed AUTH and after errors, and the security-log
+lines the session asks for.
+
+The idle deadline is one timer that bytes cannot push back: it starts
+again only when a whole command (or message) has been read, and while a
+message arrives each read earns time at ``SmtpMinDataRate`` octets per
+second (L{mailguard.policy.budgets.DataDeadline}), so a client that
+trickles a command line or a message one byte at a time is cut off with
+``421 4.4.2`` as one that sends nothing.
 
 A connection held in the greeting delay is the cheap case thousands of
 times over: it has no state machine yet (one is made when the greeting is
@@ -20,15 +29,18 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from mailguard import replies as R
+from mailguard.policy.budgets import DataDeadline
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
-from mailguard.smtpd.events import DATA
+from mailguard.smtpd.events import CLOSED, DATA
+from mailguard.smtpd.flow import ReadGate
 from mailguard.smtpd.session import ServerSession
 from mailguard.smtpd.sasl import CramMD5Credentials
 
 log = Logger()
 
-# Input buffered while a request is pending, beyond which reading pauses.
+# Input buffered in the session (a request pending, replies waiting to be
+# sent), beyond which reading pauses.
 INPUT_HOLD_MAX = 64 * 1024
 BIG_READ_SIZE = 1 << 18  # bytes per recv while a large DATA arrives
 BIG_READ_AFTER = 1 << 18  # DATA bytes after which reads get that large
@@ -50,7 +62,9 @@ class MailguardESMTP(Protocol):
     _auth_delay = None
     _message = None
     _running = False
-    _paused = False  # reading paused while a request is pending (backpressure)
+    _gate: ReadGate | None = None  # pauses reading while input or output waits
+    _deadline: DataDeadline | None = None  # when _idle fires, while a message arrives
+    _commands = 0  # the session's progress when _idle last started
     _normal_read_size = None  # the transport's recv size, while a large DATA reads more
 
     def __init__(self, factory) -> None:
@@ -68,6 +82,9 @@ class MailguardESMTP(Protocol):
         listener = self.factory.listener
         self.opened = facts = Session(getattr(peer, "host", ""), getattr(peer, "port", 0), listener,
                                       tls=listener == "smtps")
+        limited = ctx.limits.at_connect(facts, ctx.config, ctx.exempt)
+        if limited is not None:
+            return self._turn_away(limited.reply, limited.event, fields=limited.fields)
         refusal = ctx.connections.open(self, facts)
         if refusal is not None:
             event = "too-many-from-ip" if refusal is R.TOO_MANY_FROM_IP else "too-many-connections"
@@ -95,10 +112,12 @@ class MailguardESMTP(Protocol):
     def _greet(self) -> None:
         ctx = self.factory.context
         self.smtp = ServerSession(self.opened, ctx)
+        self._gate = ReadGate(self.transport, self._run)
         self.smtp.greet()
         self._run()
         if ctx.config.idle_timeout > 0:  # 0: no limit
             self._idle = ctx.clock.callLater(ctx.config.idle_timeout, self._timeout, "_idle", R.TIMEOUT)
+            self._deadline = DataDeadline(ctx.config.idle_timeout, ctx.config.min_data_rate)
         if ctx.config.max_session_time > 0:
             self._session_timer = ctx.clock.callLater(ctx.config.max_session_time, self._timeout,
                                                       "_session_timer", R.SESSION_TOO_LONG)
@@ -110,15 +129,17 @@ class MailguardESMTP(Protocol):
                 self._early_talker(data)
             return
         smtp.receive_data(data)
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(smtp.context.config.idle_timeout)
-        if not smtp.waiting:
+        if smtp.mode is DATA and self._idle is not None and self._idle.active():
+            # Only a message's bytes earn time, at SmtpMinDataRate.
+            now = smtp.context.clock.seconds()
+            self._idle.reset(max(0.0, self._deadline.received(len(data), now) - now))
+        if not smtp.waiting and not self._gate.output_waiting:
             self._run()
-        elif smtp.buffered > INPUT_HOLD_MAX and not self._paused:
-            # A request is pending and the client keeps sending: stop
-            # reading (TCP backpressure) instead of buffering without limit.
-            self._paused = True
-            self.transport.pauseProducing()
+        elif smtp.buffered > INPUT_HOLD_MAX:
+            # The client keeps sending while a request is pending or its
+            # replies wait: stop reading (TCP backpressure) instead of
+            # buffering without limit.
+            self._gate.hold()
 
     def _early_talker(self, data: bytes) -> None:
         ctx = self.factory.context
@@ -126,14 +147,19 @@ class MailguardESMTP(Protocol):
         self._turn_away(R.EARLY_TALKER, "early-talker" if ctx.config.greeting_delay_log else None,
                         ctx.clock.seconds() - self._held_since, data)
 
-    def _turn_away(self, reply: R.Reply, event: str | None, waited: float = 0.0, data: bytes = b"") -> None:
+    def _turn_away(self, reply: R.Reply, event: str | None, waited: float = 0.0, data: bytes = b"",
+                   fields: dict | None = None) -> None:
         """Refuse a connection that has no session: the security-log entry
-        (unless C{event} is None), the reply, the close.  Every refusal
-        before the greeting passes here; after it, the session says all."""
+        (unless C{event} is None; with C{fields}, in their form), the
+        reply, the close.  Every refusal before the greeting passes here;
+        after it, the session says all."""
         self.closed = True
         if event is not None:
-            facts = self.opened
-            self.factory.context.security_log.record(event, facts.client_ip, facts.client_port, waited, data)
+            facts, seclog = self.opened, self.factory.context.security_log
+            if fields is not None:
+                seclog.note(event, facts.client_ip, facts.client_port, **fields)
+            else:
+                seclog.record(event, facts.client_ip, facts.client_port, waited, data)
         self.transport.write(reply.to_bytes())
         self.transport.loseConnection()
 
@@ -173,7 +199,7 @@ class MailguardESMTP(Protocol):
         if self._running:
             return
         self._running = True
-        smtp = self.smtp
+        smtp, gate = self.smtp, self._gate
         next_event, write, handle = smtp.next_event, self.transport.write, self._handle
         try:
             while True:
@@ -181,6 +207,8 @@ class MailguardESMTP(Protocol):
                 kind = event.__class__
                 if kind is E.Write:  # the common case, first
                     write(event.data)
+                    if gate.output_waiting and smtp.mode is not CLOSED:
+                        break  # the transport's buffer is full: no more replies for now
                 elif kind is E.Signal:
                     break
                 else:
@@ -191,9 +219,17 @@ class MailguardESMTP(Protocol):
             if self._normal_read_size:
                 self.transport.bufferSize = self._normal_read_size
             self._normal_read_size = None
-        if self._paused and not smtp.waiting and not self.closed:
-            self._paused = False
-            self.transport.resumeProducing()
+        if self.closed:
+            return
+        if smtp.commands != self._commands and self._idle is not None and self._idle.active():
+            # A whole command (or message) was read: the deadline starts again.
+            self._commands = smtp.commands
+            self._idle.reset(smtp.context.config.idle_timeout)
+            self._deadline.start(smtp.context.clock.seconds())
+        if smtp.buffered > INPUT_HOLD_MAX:
+            gate.hold()
+        else:
+            gate.release()
 
     def _handle(self, event) -> None:
         ctx = self.smtp.context  # the one the session started with
@@ -210,10 +246,13 @@ class MailguardESMTP(Protocol):
             self._commit(event)
         elif kind is E.CheckCredentials:
             self._check_credentials(event.credentials)
-        elif kind is E.AuthFailureDelay:
+        elif kind is E.AuthFailureDelay or kind is E.Delay:
             d = defer.Deferred()
             self._auth_delay = ctx.clock.callLater(event.seconds, d.callback, None)
-            self._wait(d, "AUTH delay")
+            self._wait(d, "delay")
+        elif kind is E.SecurityEvent:
+            facts = self.smtp.facts
+            ctx.security_log.note(event.event, facts.client_ip, facts.client_port, **event.fields)
         elif kind is E.AbortMessage:
             self._abort_message()
         elif kind is E.StartTLS:
@@ -222,7 +261,12 @@ class MailguardESMTP(Protocol):
             self._wait(defer.maybeDeferred(ctx.queue.kick, event.domain), "ETRN")
         elif kind is E.Close:
             self.closed = True
-            self.transport.loseConnection()
+            blocked = self._gate.output_waiting
+            self._gate.detach()
+            if blocked:  # the client does not read: the close would wait for it forever
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
         else:
             raise TypeError(f"unknown session event {event!r}")
 

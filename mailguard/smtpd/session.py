@@ -29,8 +29,9 @@ from twisted.logger import Logger
 
 from mailguard import replies as R
 from mailguard.policy.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, mail_parameters, mail_refusal,
-                                    rcpt_parameters, vrfy_budgeted, vrfy_refusal)
+from mailguard.policy.rules import (Refusal, counts_as_error, ehlo_keywords, help_commands, mail_parameters,
+                                    mail_refusal, rcpt_parameters, sender_login_refusal, vrfy_budgeted,
+                                    vrfy_refusal)
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
@@ -45,10 +46,16 @@ if TYPE_CHECKING:
 log = Logger()
 
 JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN/ETRN before each counts as an error (Postfix smtpd_junk_command_limit)
+# Replies to a pipelined group held at most this long before they are
+# written: a client that pipelines megabytes gets its answers in batches,
+# so the adapter can stop reading while they wait to be sent.
+OUTPUT_BATCH_MAX = 16 * 1024
 _COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "VRFY", "MAIL",
                        "RCPT", "DATA", "STARTTLS", "AUTH", "ETRN"})
-_DATA_FAILURES = {F.TEXT_LINE_TOO_LONG: R.DATA_LINE_TOO_LONG, F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG}
+_DATA_FAILURES = {F.TEXT_LINE_TOO_LONG: R.DATA_LINE_TOO_LONG, F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG,
+                  F.NUL_CHARACTER: R.NUL_IN_DATA}
 _EMPTY = b""
+_HELLO_REPLIES: dict[tuple, bytes] = {}  # (hostname, EHLO keywords) -> the reply: a few per process
 
 
 class ServerSession(Extensions):
@@ -64,8 +71,8 @@ class ServerSession(Extensions):
     """
 
     __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
-                 "_token", "_buffer", "_events", "_out", "_pending", "_lines", "_data", "_data_failed",
-                 "_envelope", "_sasl")
+                 "commands", "_token", "_buffer", "_pos", "_events", "_out", "_out_size", "_pending", "_lines",
+                 "_data", "_data_failed", "_envelope", "_sasl", "_auth_attempt", "_rested")
 
     def __init__(self, facts: Session, context: ServerContext,
                  token: Callable[[int], str] = secrets.token_hex) -> None:
@@ -75,8 +82,10 @@ class ServerSession(Extensions):
         self.transaction: Transaction | None = None
         self._token = token
         self._buffer = _EMPTY
+        self._pos = 0  # where the unread input starts in _buffer
         self._events: list = []
         self._out: list[bytes] = []  # replies held while pipelined commands wait
+        self._out_size = 0
         self._pending: E.Request | None = None
         self._lines = F.CommandReader()
         self._data: F.DataReader | None = None
@@ -87,6 +96,9 @@ class ServerSession(Extensions):
         self.junk = 0
         self.vrfy_asked = 0
         self.auth_failures = 0
+        self.commands = 0  # command lines, AUTH responses and messages read: progress
+        self._auth_attempt: tuple[str, str] = ("", "")  # mechanism, user name
+        self._rested = False  # the error sleep before the next command is done
 
     # -- the h11-style surface ----------------------------------------------------------
     def greet(self) -> None:
@@ -95,7 +107,10 @@ class ServerSession(Extensions):
 
     def receive_data(self, data: bytes) -> None:
         if self.mode is not CLOSED:
-            self._buffer += data
+            if self._pos:
+                self._buffer, self._pos = self._buffer[self._pos:] + data, 0
+            else:
+                self._buffer += data
 
     def next_event(self):
         """The next event, or a signal: L{E.PAUSED}, L{E.NEED_DATA}, L{E.CLOSED}."""
@@ -105,7 +120,7 @@ class ServerSession(Extensions):
                 return E.CLOSED if self.mode is CLOSED else E.PAUSED
             if self.mode is CLOSED:
                 return E.CLOSED
-            if not (self._buffer and self._step()):
+            if not (self._pos < len(self._buffer) and self._step()):
                 if not self._out:
                     return E.NEED_DATA
                 self._flush()  # the pipelined group is drained
@@ -119,7 +134,7 @@ class ServerSession(Extensions):
     @property
     def buffered(self) -> int:
         """Octets received and not yet read."""
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     @property
     def message_size(self) -> int:
@@ -134,7 +149,9 @@ class ServerSession(Extensions):
             return self._stored(request.envelope)  # logged even if closed meanwhile
         if self.mode is CLOSED:
             return
-        if kind is E.CheckRecipient:
+        if kind is E.Delay:
+            self._rested = True
+        elif kind is E.CheckRecipient:
             self._recipient_decided(request, value)
         elif kind is E.BeginMessage:
             self._data_begun(request.envelope)
@@ -170,23 +187,34 @@ class ServerSession(Extensions):
         too many errors).  Nothing more is read."""
         if self.mode is CLOSED:
             return
-        self._buffer = _EMPTY
-        self._send(reply)
+        self._discard_input()
+        self._out.append(reply.to_bytes())
+        self._flush()
         self.mode = CLOSED
         self._events.append(E.Close())
 
     def connection_lost(self) -> None:
         self.mode = CLOSED
-        self._buffer = _EMPTY
+        self._discard_input()
+
+    def _discard_input(self) -> int:
+        """Forget the input not yet read; how many octets that was."""
+        n = len(self._buffer) - self._pos
+        self._buffer, self._pos = _EMPTY, 0
+        return n
 
     # -- output ---------------------------------------------------------------------------
     def _send(self, reply: R.Reply, extra: tuple[str, ...] = ()) -> None:
+        if self.mode is not CLOSED:
+            self._write(reply.to_bytes(extra))
+
+    def _write(self, data: bytes) -> None:
         mode = self.mode
         if mode is CLOSED:
             return
-        data = reply.to_bytes(extra)
-        if mode is COMMAND and b"\n" in self._buffer:
+        if mode is COMMAND and self._out_size < OUTPUT_BATCH_MAX and self._buffer.find(b"\n", self._pos) >= 0:
             self._out.append(data)  # more pipelined commands wait: answer them together
+            self._out_size += len(data)
         elif self._out:
             self._out.append(data)
             self._flush()
@@ -197,6 +225,7 @@ class ServerSession(Extensions):
         if self._out:
             self._events.append(E.Write(b"".join(self._out)))
             self._out = []
+            self._out_size = 0
 
     def _request(self, request: E.Request) -> None:
         self._pending = request
@@ -214,13 +243,32 @@ class ServerSession(Extensions):
             self._send(reply)
 
     def _count_error(self) -> bool:
-        """One more client error; past ``SmtpMaxErrors`` the session is
-        closed (True)."""
+        """One more client error; past ``SmtpMaxErrors``, or past the
+        address's ``SmtpMaxErrorsPerIp`` over its recent sessions, the
+        session is closed (True).  Past ``SmtpSoftErrorLimit`` each
+        command is read only after ``SmtpErrorSleepTime`` (L{_step})."""
         self.errors += 1
-        if self.errors > self.context.config.max_errors:
+        ctx = self.context
+        limited = ctx.limits.error(self.facts, ctx.config, ctx.exempt)
+        if limited is not None:
+            self._report(limited.event, limited.fields)
+            self.close(limited.reply)
+            return True
+        if self.errors > ctx.config.max_errors:
             self.close(R.TOO_MANY_ERRORS)
             return True
         return False
+
+    def _slowed(self) -> bool:
+        """Past ``SmtpSoftErrorLimit`` errors (without mail delivered since):
+        sleep before reading the next command (Postfix's
+        ``smtpd_error_sleep_time``)."""
+        config = self.context.config
+        return self.errors > config.soft_error_limit and config.error_sleep_time > 0
+
+    def _report(self, event: str, fields: dict) -> None:
+        """A line for the security log."""
+        self._events.append(E.SecurityEvent(event, fields))
 
     def _junk_command(self) -> bool:
         """NOOP, RSET, HELP, EXPN, ETRN: free up to L{JUNK_COMMAND_LIMIT} per
@@ -232,16 +280,23 @@ class ServerSession(Extensions):
     def _step(self) -> bool:
         """Read one command line, AUTH response or DATA event.  False:
         more input is needed."""
-        buf = self._buffer
         if self.mode is DATA:
+            buf = self._buffer[self._pos:] if self._pos else self._buffer
             event, self._buffer = self._data.read(buf)
+            self._pos = 0
             if event is None:
                 return False
             self._data_event(event)
             return True
-        line, self._buffer = self._lines.read(buf, self.mode is AUTH)
+        if self.errors and not self._rested and self._slowed():
+            self._flush()  # the replies so far go out before the sleep
+            self._request(E.Delay(self.context.config.error_sleep_time))
+            return True
+        line, self._pos = self._lines.read_at(self._buffer, self._pos, self.mode is AUTH)
         if line is None:
             return False
+        self.commands += 1
+        self._rested = False
         if line is F.LINE_TOO_LONG:
             if self.mode is AUTH:  # RFC 4954 4: the exchange is cancelled
                 self.mode, self._sasl = COMMAND, None
@@ -286,9 +341,17 @@ class ServerSession(Extensions):
             verb = "EHLO" if esmtp else "HELO"
             return self._error(R.SYNTAX_ERROR.with_text(f"{verb} requires a domain"))
         self.transaction = None
-        self.facts = replace(self.facts, helo=arg.split()[0], esmtp=esmtp)
-        reply = R.HELO_OK.with_text(self.context.hostname)
-        self._send(reply, tuple(self.ehlo_extensions()) if esmtp else ())
+        helo, facts = arg.split()[0], self.facts
+        if facts.helo != helo or facts.esmtp is not esmtp:  # a repeated HELO changes nothing
+            self.facts = replace(facts, helo=helo, esmtp=esmtp)
+        extra = tuple(self.ehlo_extensions()) if esmtp else ()
+        key = (self.context.hostname, extra)
+        data = _HELLO_REPLIES.get(key)
+        if data is None:
+            data = R.HELO_OK.with_text(key[0]).to_bytes(extra)
+            if len(_HELLO_REPLIES) < 64:
+                _HELLO_REPLIES[key] = data
+        self._write(data)
 
     def ehlo_extensions(self) -> list[str]:
         ctx = self.context
@@ -341,13 +404,22 @@ class ServerSession(Extensions):
         refusal = mail_refusal(self.facts)
         if refusal is not None:
             return self._refuse(refusal)
+        ctx = self.context
+        limited = ctx.limits.at_mail(self.facts, ctx.config, ctx.exempt)
+        if limited is not None:
+            self._report(limited.event, limited.fields)
+            return self.close(limited.reply)
         try:
             sender, params = parse_mail_from(arg)
         except AddressError as e:
             return self._error(e.reply)
-        config = self.context.config
+        config = ctx.config
         refusal = mail_parameters(params, max_size=config.max_message_size,
-                                  dsn=check_mail_parameter if self.context.dsn else None)
+                                  dsn=check_mail_parameter if ctx.dsn else None)
+        if refusal is None and self.facts.authenticated:
+            refusal = sender_login_refusal(self.facts, sender.address if sender is not None else None,
+                                           enabled=config.sender_login_match, directory=ctx.policies.directory,
+                                           trust=ctx.trust)
         if refusal is not None:
             return self._refuse(refusal)
         self.transaction = Transaction(sender.address if sender is not None else "", params)
@@ -365,7 +437,12 @@ class ServerSession(Extensions):
         refusal = rcpt_parameters(params, dsn=check_rcpt_parameter if self.context.dsn else None)
         if refusal is not None:
             return self._refuse(refusal)
-        if len(transaction.recipients) >= self.context.config.max_recipients:
+        config = self.context.config
+        if len(transaction.recipients) >= config.max_recipients:
+            # As Postfix: past smtpd_recipient_overshoot_limit more, each counts.
+            transaction.overshoot += 1
+            if transaction.overshoot > config.recipient_overshoot_limit:
+                return self._error(R.TOO_MANY_RECIPIENTS)
             return self._send(R.TOO_MANY_RECIPIENTS)
         transaction.attempts += 1
         self._request(E.CheckRecipient(self.facts, mailbox, params))
@@ -377,6 +454,8 @@ class ServerSession(Extensions):
         else:
             log.info("RCPT refused: {ip} <{rcpt}>: {reason}", ip=self.facts.client_ip,
                      rcpt=request.mailbox.address, reason=verdict.reason)
+            if counts_as_error(verdict.reply):  # harvesting: unknown users, relay attempts
+                return self._error(verdict.reply)
         self._send(verdict.reply)
 
     def smtp_DATA(self, arg: str) -> None:
@@ -403,6 +482,7 @@ class ServerSession(Extensions):
         if type(event) is bytes:
             return self._events.append(E.WriteMessage(event))
         if event is F.END_OF_DATA:
+            self.commands += 1
             return self._data_end()
         if event is F.BARE_LINE_ENDING:
             # SMTP smuggling defence (Postfix smtpd_forbid_bare_newline): a
@@ -436,4 +516,5 @@ class ServerSession(Extensions):
         # The store has handed relayed recipients to the queue, which tries
         # them at once (no kick: that would end every entry's back-off too).
         queued = envelope.message_id.split(".")[1]
+        self.errors = self.junk = 0  # as Postfix: the limits count errors "without delivering mail"
         self._send(R.MESSAGE_ACCEPTED.with_text(f"Ok: queued as {queued}"))
