@@ -27,7 +27,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mailguard.policy.directory import LookupStatus, build  # noqa: E402
+from mailguard.policy.directory import LookupStatus  # noqa: E402
+from mailguard.policy.directorybuild import build  # noqa: E402
 from mailguard.config.problems import Where  # noqa: E402
 from mailguard.config.records import AliasRecord, DomainRecord, UserRecord  # noqa: E402
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from mailguard.config.problems import ConfigError, errors
+from twisted.logger import Logger
+
+from mailguard.config.problems import errors
 from mailguard.config.values import parse_host_port
 from mailguard.policy import build
+from mailguard.policy.checks import findings
 from mailguard.service import DEFAULTS, build_service
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -48,14 +53,16 @@ class Options(usage.Options):
         for name in ("smtp", "smtps", "submission"):
             if self[name] and ":" not in self[name]:
                 raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")
-        try:
-            self.config, self.tables = build.load(self["config"], self["users"])
-        except ConfigError as e:
-            raise usage.UsageError("configuration errors:\n" + "\n".join(str(p) for p in errors(e.problems)))
-        if self.config.gateway_enabled and not self["relay-host"]:
-            raise usage.UsageError(
-                "GatewayEnabled is 1 but there is no --relay-host: accepted mail "
-                "could not be forwarded to the back-end (see docs/gateway.md)")
+        # Errors refuse to start, one FILE:LINE line each; warnings (the
+        # reading's and the rules') are logged once logging has begun.
+        config, tables, problems = build.read(self["config"], self["users"])
+        if config is not None and tables is not None:
+            problems = problems + findings(config, tables, relay_host=self["relay-host"],
+                                           startup=True)
+        if errors(problems) or config is None or tables is None:
+            raise usage.UsageError("\n".join(str(p) for p in errors(problems)))
+        self.config, self.tables = config, tables
+        self.warnings = [p for p in problems if not p.is_error]
         if self["tls-cert"]:
             from mailguard.smtpd.tls import TLSConfigError, load_context
 
@@ -68,4 +75,6 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    for problem in getattr(options, "warnings", ()):
+        log.warn("configuration: {problem}", problem=str(problem))
     return build_service(options.config, dict(options), reactor, options.tables)

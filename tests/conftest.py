@@ -163,9 +163,11 @@ def write_config(path: Path, variables: dict[str, str] | None = None, body: str 
 
 
 def pytest_collection_modifyitems(config, items):
-    """Everything under tests/e2e/ starts real processes: mark it ``e2e``
-    so ``pytest -m "not e2e"`` is the fast loop."""
+    """Everything under tests/e2e/, and every test that starts a real
+    ``twistd`` (the ``twistd`` fixture), is marked ``e2e`` so
+    ``pytest -m "not e2e"`` is the fast loop.  Other tests that start a
+    process carry the mark themselves."""
     e2e = ROOT / "tests" / "e2e"
     for item in items:
-        if e2e in Path(str(item.fspath)).parents:
+        if e2e in Path(str(item.fspath)).parents or "twistd" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.e2e)

@@ -9,11 +9,16 @@ them at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, order=True)
-class Where:
-    """A place in a configuration file."""
+class Where(NamedTuple):
+    """A place in a configuration file.
+
+    A named tuple, not a dataclass: a real configuration has hundreds of
+    thousands of elements, each remembering its place, and a tuple is the
+    cheapest immutable, ordered value Python has (half the memory of a
+    frozen dataclass and five times faster to make)."""
 
     file: str
     line: int

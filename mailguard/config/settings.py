@@ -1,15 +1,18 @@
 """The typed configuration: Kerio XML in, an immutable ``Configuration`` out.
 
 ``load()`` reads ``mailserver.cfg`` (and ``users.cfg``) with
-``mailguard.config.kerioxml``, picks out the names mailguard uses (the ``SCALARS``
-table below and the record collections), checks every value, and reports
-every problem at once as ``FILE:LINE: message``.  It builds nothing from the
-records: the IP groups, the user directory and the password checker are
-built by ``mailguard.policy.build``, so this package stays a leaf.  Names mailguard does not use are ignored: a real
-Kerio file holds hundreds.
+``mailguard.config.kerioxml``, picks out the names mailguard uses (the
+``SCALARS`` table below, found at the top level or in any section; the
+record collections, read by ``mailguard.config.records``), checks every
+value, and reports every problem at once as ``FILE:LINE: message``.  It
+builds nothing from the records: the IP groups, the user directory and the
+password checker are built by ``mailguard.policy.build``, so this package
+stays a leaf.  Names mailguard does not use are ignored: a real Kerio file
+holds hundreds (``mailguard.policy.checks`` warns about the few that look
+like a misspelt mailguard name).
 
-To add a setting, add a field to ``Configuration`` and a row to ``SCALARS``;
-``docs/configuration.md`` lists them all.
+To add a setting, add a field to ``Configuration`` and a row to ``SCALARS``
+(with its range); ``docs/configuration.md`` lists them all.
 """
 
 from __future__ import annotations
@@ -21,22 +24,30 @@ from importlib import resources
 from typing import Callable
 
 from mailguard.config import kerioxml
+from mailguard.config.kerioxml import Document, Variable
+from mailguard.config.problems import ConfigError, Problem, Where, errors
+from mailguard.config.records import (
+    AliasRecord,
+    DomainRecord,
+    IpGroupRow,
+    UserRecord,
+    read_aliases,
+    read_domains,
+    read_ip_rows,
+    read_users,
+)
 from mailguard.config.values import (
+    Number,
+    Seconds,
     parse_bind_address,
     parse_bool,
     parse_connections,
     parse_domain_list,
     parse_hostname,
-    parse_list,
     parse_optional_host_port,
-    parse_seconds,
     parse_text,
     parse_timeout,
-    parse_uint,
 )
-from mailguard.config.kerioxml import Collection, Document, Row
-from mailguard.config.problems import ConfigError, Problem, Where, errors
-from mailguard.config.records import AliasRecord, DomainRecord, IpGroupRow, UserRecord
 
 EMBEDDED_NAME = "<embedded default mailserver.cfg>"
 
@@ -52,39 +63,46 @@ class Scalar:
     kerio: bool = True  # False: a mailguard extension (documented as such)
 
 
+_DAY = 86400
+_TTL = Seconds(0, 30 * _DAY)
+_COUNT = Number(0, 10_000_000)
+_LIMIT = Number(0, 1_000_000)
+
 SCALARS: tuple[Scalar, ...] = (
     Scalar("InternetHostname", "hostname", parse_hostname),
     Scalar("VRFYEnabled", "vrfy_enabled", parse_bool),
-    Scalar("MaxMessageSize", "max_message_size", parse_uint),
-    Scalar("SmtpGreetingDelay", "greeting_delay", parse_seconds),
+    Scalar("MaxMessageSize", "max_message_size", Number(0, 2**32 - 1)),
+    Scalar("SmtpGreetingDelay", "greeting_delay", Seconds(0, 3600)),
     Scalar("SmtpGreetingDelayExceptions", "greeting_delay_exceptions", parse_text),
     Scalar("SmtpGreetingDelayLog", "greeting_delay_log", parse_bool),
     Scalar("RelayControlIpGroupEnabled", "relay_ip_group_enabled", parse_bool),
     Scalar("RelayControlIpGroup", "relay_ip_group", parse_text),
     Scalar("RelayControlAuthEnabled", "relay_auth_enabled", parse_bool),
     # mailguard extensions (not Kerio names); see docs/configuration.md
-    Scalar("SmtpGreetingPassCacheTtl", "greeting_pass_ttl", parse_seconds, False),
-    Scalar("SmtpGreetingPassCacheSize", "greeting_pass_cache_size", parse_uint, False),
+    Scalar("RelayControlOpenRelayIntended", "open_relay_intended", parse_bool, False),
+    Scalar("SmtpAuthCramMd5Enabled", "cram_md5_enabled", parse_bool, False),
+    Scalar("SmtpGreetingPassCacheTtl", "greeting_pass_ttl", _TTL, False),
+    Scalar("SmtpGreetingPassCacheSize", "greeting_pass_cache_size", _COUNT, False),
     Scalar("SmtpGreetingTeaser", "greeting_teaser", parse_bool, False),
-    Scalar("SmtpMaxConnections", "max_connections", parse_uint, False),
-    Scalar("SmtpMaxConnectionsPerIp", "max_connections_per_ip", parse_uint, False),
-    Scalar("SmtpIdleTimeout", "idle_timeout", parse_seconds, False),
-    Scalar("SmtpMaxSessionTime", "max_session_time", parse_seconds, False),
-    Scalar("SmtpMaxRecipients", "max_recipients", parse_uint, False),
-    Scalar("SmtpMaxErrors", "max_errors", parse_uint, False),
-    Scalar("SmtpVrfyLimit", "vrfy_limit", parse_uint, False),
-    Scalar("SmtpMaxAuthFailures", "max_auth_failures", parse_uint, False),
-    Scalar("SecurityLogMaxBytes", "security_log_max_bytes", parse_uint, False),
+    Scalar("SmtpMaxConnections", "max_connections", _LIMIT, False),
+    Scalar("SmtpMaxConnectionsPerIp", "max_connections_per_ip", _LIMIT, False),
+    Scalar("SmtpIdleTimeout", "idle_timeout", Seconds(0, _DAY), False),
+    Scalar("SmtpMaxSessionTime", "max_session_time", Seconds(0, _DAY), False),
+    Scalar("SmtpMaxRecipients", "max_recipients", Number(1, 100_000), False),
+    Scalar("SmtpMaxErrors", "max_errors", Number(0, 10_000), False),
+    Scalar("SmtpVrfyLimit", "vrfy_limit", Number(0, 10_000), False),
+    Scalar("SmtpMaxAuthFailures", "max_auth_failures", Number(0, 10_000), False),
+    Scalar("SecurityLogMaxBytes", "security_log_max_bytes", Number(0, 2**40), False),
     # abuse budgets (mailguard.policy.budgets; docs/abuse.md)
-    Scalar("SmtpSoftErrorLimit", "soft_error_limit", parse_uint, False),
-    Scalar("SmtpErrorSleepTime", "error_sleep_time", parse_seconds, False),
-    Scalar("SmtpRecipientOvershootLimit", "recipient_overshoot_limit", parse_uint, False),
-    Scalar("SmtpMaxErrorsPerIp", "max_errors_per_ip", parse_uint, False),
-    Scalar("SmtpMaxAuthFailuresPerIp", "max_auth_failures_per_ip", parse_uint, False),
-    Scalar("SmtpPerIpWindow", "per_ip_window", parse_seconds, False),
-    Scalar("SmtpConnectionRateLimit", "connection_rate_limit", parse_uint, False),
-    Scalar("SmtpMessageRateLimit", "message_rate_limit", parse_uint, False),
-    Scalar("SmtpMinDataRate", "min_data_rate", parse_uint, False),
+    Scalar("SmtpSoftErrorLimit", "soft_error_limit", Number(0, 10_000), False),
+    Scalar("SmtpErrorSleepTime", "error_sleep_time", Seconds(0, 60), False),
+    Scalar("SmtpRecipientOvershootLimit", "recipient_overshoot_limit", _LIMIT, False),
+    Scalar("SmtpMaxErrorsPerIp", "max_errors_per_ip", _LIMIT, False),
+    Scalar("SmtpMaxAuthFailuresPerIp", "max_auth_failures_per_ip", _LIMIT, False),
+    Scalar("SmtpPerIpWindow", "per_ip_window", Seconds(0, _DAY), False),
+    Scalar("SmtpConnectionRateLimit", "connection_rate_limit", _LIMIT, False),
+    Scalar("SmtpMessageRateLimit", "message_rate_limit", _LIMIT, False),
+    Scalar("SmtpMinDataRate", "min_data_rate", Number(0, 1_000_000_000), False),
     Scalar("SmtpSenderLoginMatch", "sender_login_match", parse_bool, False),
     # gateway mode (mailguard.gateway.gateway; docs/gateway.md)
     Scalar("GatewayEnabled", "gateway_enabled", parse_bool, False),
@@ -93,18 +111,19 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("GatewayBindAddress", "gateway_bind_address", parse_bind_address, False),
     Scalar("GatewayConnections", "gateway_connections", parse_connections, False),
     Scalar("GatewayTimeout", "gateway_timeout", parse_timeout, False),
-    Scalar("GatewayIdleTimeout", "gateway_idle_timeout", parse_seconds, False),
-    Scalar("GatewayCachePositiveTtl", "gateway_positive_ttl", parse_seconds, False),
-    Scalar("GatewayCacheNegativeTtl", "gateway_negative_ttl", parse_seconds, False),
-    Scalar("GatewayCacheSize", "gateway_cache_size", parse_uint, False),
+    Scalar("GatewayIdleTimeout", "gateway_idle_timeout", Seconds(0, _DAY), False),
+    Scalar("GatewayCachePositiveTtl", "gateway_positive_ttl", _TTL, False),
+    Scalar("GatewayCacheNegativeTtl", "gateway_negative_ttl", _TTL, False),
+    Scalar("GatewayCacheSize", "gateway_cache_size", _COUNT, False),
     # relay queue (mailguard.store.queue; docs/delivery.md)
-    Scalar("QueueLifetime", "queue_lifetime", parse_seconds, False),
-    Scalar("QueueRetryMin", "queue_retry_min", parse_seconds, False),
-    Scalar("QueueRetryMax", "queue_retry_max", parse_seconds, False),
-    Scalar("QueueConcurrency", "queue_concurrency", parse_uint, False),
+    Scalar("QueueLifetime", "queue_lifetime", _TTL, False),
+    Scalar("QueueRetryMin", "queue_retry_min", Seconds(0, _DAY), False),
+    Scalar("QueueRetryMax", "queue_retry_max", Seconds(0, _DAY), False),
+    Scalar("QueueConcurrency", "queue_concurrency", Number(0, 1000), False),
     Scalar("RelayHostTlsVerify", "relay_tls_verify", parse_bool, False),
     Scalar("RelayHostTlsCaFile", "relay_tls_ca_file", parse_text, False),
 )
+SCALAR_NAMES: frozenset[str] = frozenset(s.name for s in SCALARS)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,8 @@ class Configuration:
     relay_ip_group_enabled: bool = False
     relay_ip_group: str = ""
     relay_auth_enabled: bool = True
+    open_relay_intended: bool = False
+    cram_md5_enabled: bool = False
     greeting_pass_ttl: float = 0.0
     greeting_pass_cache_size: int = 100000
     greeting_teaser: bool = False
@@ -165,6 +186,8 @@ class Configuration:
     users: tuple[UserRecord, ...] = ()
     aliases: tuple[AliasRecord, ...] = ()
     warnings: tuple[Problem, ...] = ()
+    # Where each scalar mailguard read was set: (Kerio name, place).
+    set_at: tuple[tuple[str, Where], ...] = ()
     # The whole parsed main file: the names mailguard does not use are kept,
     # so nothing is lost if the file is ever rewritten.
     document: Document | None = field(default=None, compare=False, repr=False)
@@ -180,134 +203,13 @@ class Configuration:
             out.extend(d.aliases)
         return tuple(dict.fromkeys(out))
 
-
-# --- collections ------------------------------------------------------------
-
-def _rows(doc: Document, name: str) -> list[Row]:
-    """Rows of collection C{name} (table or list, either form)."""
-    coll: Collection | None = doc.collections.get(name)
-    if coll is None:
-        for k, v in doc.collections.items():
-            if k.lower() == name.lower():
-                coll = v
-                break
-    return coll.rows if coll else []
-
-
-def _value(row: Row, *names: str, default: str = "") -> str:
-    v = row.get(*names)
-    return v.value.strip() if v is not None else default
-
-
-def _where(row: Row, *names: str) -> Where:
-    v = row.get(*names)
-    return v.where if v is not None else row.where
-
-
-def _row_bool(row: Row, name: str, problems: list[Problem], what: str, default: bool = True) -> bool:
-    v = row.get(name)
-    if v is None or v.value.strip() == "":
-        return default
-    try:
-        return parse_bool(v.value)
-    except ValueError as e:
-        problems.append(Problem(v.where, f'{what}: variable "{name}": {e}'))
-        return default
-
-
-def _domains(doc: Document, problems: list[Problem]) -> list[DomainRecord]:
-    out = []
-    for row in _rows(doc, "Domain"):
-        if row.text and not row.variables:
-            name = row.text  # a list of plain domain names
-        else:
-            name = _value(row, "Name", "Domain")
-        if not name:
-            problems.append(Problem(row.where, 'Domain: row without "Name" (or "Domain")'))
-            continue
-        try:
-            name = parse_hostname(name)
-        except ValueError as e:
-            problems.append(Problem(_where(row, "Name", "Domain"), f"Domain: {e}"))
-            continue
-        aliases = []
-        for a in parse_list(_value(row, "Aliases")):
-            try:
-                aliases.append(parse_hostname(a))
-            except ValueError as e:
-                problems.append(Problem(_where(row, "Aliases"), f"Domain {name}: alias: {e}"))
-        out.append(DomainRecord(name, tuple(aliases), row.where))
-    return out
-
-
-def _ip_rows(doc: Document, problems: list[Problem]) -> list[IpGroupRow]:
-    out = []
-    for row in _rows(doc, "IpAddressGroup"):
-        group = _value(row, "Group", "Name")
-        address = _value(row, "Address")
-        if not group:
-            problems.append(Problem(row.where, 'IpAddressGroup: row without "Group"'))
-            continue
-        if not address:
-            problems.append(Problem(row.where, f'IpAddressGroup "{group}": row without "Address"'))
-            continue
-        enabled = _row_bool(row, "Enabled", problems, f'IpAddressGroup "{group}"')
-        out.append(IpGroupRow(group, address, enabled, _value(row, "Description"),
-                              _where(row, "Address")))
-    return out
-
-
-def _name_and_domain(row: Row, kind: str, problems: list[Problem],
-                     default_domain: str | None) -> tuple[str, str] | None:
-    """A User or Alias row's local part and domain ("Name" may hold a whole
-    address); a row without "Domain" belongs to the only local domain."""
-    name = _value(row, "Name")
-    domain = _value(row, "Domain")
-    if "@" in name and not domain:
-        name, domain = name.rsplit("@", 1)
-    if not name:
-        problems.append(Problem(row.where, f'{kind}: row without "Name"'))
+    def where(self, name: str) -> Where | None:
+        """Where the scalar C{name} (a Kerio name) was set, or None when it
+        has its default."""
+        for set_name, where in self.set_at:
+            if set_name == name:
+                return where
         return None
-    if not domain:
-        if default_domain is None:
-            problems.append(Problem(row.where, f'{kind} "{name}": no "Domain" and no single local domain to assume'))
-            return None
-        domain = default_domain
-    return name, domain.lower().rstrip(".")
-
-
-def _users(doc: Document, problems: list[Problem], default_domain: str | None) -> list[UserRecord]:
-    out = []
-    for row in _rows(doc, "User"):
-        found = _name_and_domain(row, "User", problems, default_domain)
-        if found is None:
-            continue
-        name, domain = found
-        pw = row.get("Password")
-        out.append(UserRecord(
-            name=name,
-            domain=domain,
-            password=pw.value if pw is not None and pw.value != "" else None,
-            enabled=_row_bool(row, "Enabled", problems, f'User "{name}@{domain}"'),
-            aliases=parse_list(_value(row, "Aliases")),
-            where=row.where,
-        ))
-    return out
-
-
-def _aliases(doc: Document, problems: list[Problem], default_domain: str | None) -> list[AliasRecord]:
-    out = []
-    for row in _rows(doc, "Alias"):
-        found = _name_and_domain(row, "Alias", problems, default_domain)
-        if found is None:
-            continue
-        name, domain = found
-        target = parse_list(_value(row, "DeliverTo"))
-        if not target:
-            problems.append(Problem(row.where, f'Alias "{name}": no "DeliverTo"'))
-            continue
-        out.append(AliasRecord(name, domain, target, row.where))
-    return out
 
 
 # --- loading ------------------------------------------------------------------
@@ -326,17 +228,47 @@ def _default_hostname() -> str:
         return "localhost"
 
 
+def find_scalars(doc: Document, problems: list[Problem]) -> dict[str, Variable]:
+    """The variables of C{SCALARS} names in C{doc}, at the top level or in
+    any section.  A name set in two places (the top level and a section,
+    or two sections) is an error naming both lines: which one is meant
+    cannot be guessed.  Names are matched exactly, as Kerio writes them (a
+    near miss is a warning of ``mailguard.policy.checks``)."""
+    found: dict[str, tuple[Variable, str | None]] = {}
+    for var, section in doc.settings():
+        if var.name not in SCALAR_NAMES:
+            continue
+        first = found.get(var.name)
+        if first is None:
+            found[var.name] = (var, section)
+            continue
+        prev, prev_section = first
+        here = f'section "{section}"' if section else "the top level"
+        there = f'section "{prev_section}"' if prev_section else "the top level"
+        problems.append(Problem(
+            var.where,
+            f'variable "{var.name}" is set in {here} and also at line {prev.line} '
+            f"(in {there}); set it in one place"))
+    return {name: var for name, (var, _) in found.items()}
+
+
 def load_documents(docs: list[Document], source: str) -> tuple[Configuration | None, list[Problem]]:
     """Build a Configuration from parsed documents (the first is
     ``mailserver.cfg``; later ones, such as ``users.cfg``, add records).
     Returns the configuration (None if there were errors) and every problem."""
+    with kerioxml.paused_gc():
+        return _load_documents(docs, source)
+
+
+def _load_documents(docs: list[Document], source: str) -> tuple[Configuration | None, list[Problem]]:
     problems: list[Problem] = []
     values: dict[str, object] = {"source": source}
     main = docs[0]
     for d in docs:
         problems.extend(d.problems)
+    scalars = find_scalars(main, problems)
     for scalar in SCALARS:
-        var = main.variables.get(scalar.name)
+        var = scalars.get(scalar.name)
         if var is None:
             continue
         try:
@@ -350,12 +282,12 @@ def load_documents(docs: list[Document], source: str) -> tuple[Configuration | N
     users: list[UserRecord] = []
     aliases: list[AliasRecord] = []
     for d in docs:
-        domains += _domains(d, problems)
+        domains += read_domains(d, problems)
     default_domain = domains[0].name if len(domains) == 1 else None
     for d in docs:
-        ip_rows += _ip_rows(d, problems)
-        users += _users(d, problems, default_domain)
-        aliases += _aliases(d, problems, default_domain)
+        ip_rows += read_ip_rows(d, problems)
+        users += read_users(d, problems, default_domain)
+        aliases += read_aliases(d, problems, default_domain)
 
     # References to IP groups are checked here, on the rows' names; the
     # groups themselves are built by mailguard.policy.build.
@@ -366,11 +298,11 @@ def load_documents(docs: list[Document], source: str) -> tuple[Configuration | N
     ):
         name = values.get(attr, "")
         if name and name not in group_names:
-            var = main.variables[scalar_name]
+            var = scalars[scalar_name]
             severity = "error" if enabled_attr is None or values.get(enabled_attr) else "warning"
             problems.append(Problem(var.where, f'variable "{scalar_name}": IP group "{name}" does not exist', severity))
     if values.get("relay_ip_group_enabled") and not values.get("relay_ip_group"):
-        var = main.variables["RelayControlIpGroupEnabled"]
+        var = scalars["RelayControlIpGroupEnabled"]
         problems.append(Problem(var.where, 'variable "RelayControlIpGroupEnabled" is 1 but "RelayControlIpGroup" names no group'))
 
     if errors(problems):
@@ -382,6 +314,7 @@ def load_documents(docs: list[Document], source: str) -> tuple[Configuration | N
         users=tuple(users),
         aliases=tuple(aliases),
         warnings=tuple(p for p in problems if not p.is_error),
+        set_at=tuple((name, var.where) for name, var in scalars.items()),
         document=main,
     )
     return config, problems
@@ -420,6 +353,11 @@ def load(path: str | None = None, users_path: str | None = None) -> Configuratio
 
 def setting_names() -> list[str]:
     return [s.name for s in SCALARS]
+
+
+def defaults() -> dict[str, object]:
+    """Each Configuration field's default value, by field name."""
+    return {f.name: f.default for f in fields(Configuration)}
 
 
 def field_names() -> set[str]:

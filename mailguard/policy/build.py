@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailguard.config import settings
+from mailguard.config.kerioxml import paused_gc
 from mailguard.config.problems import ConfigError, Problem, errors
 from mailguard.config.settings import Configuration
 from mailguard.interfaces import (
@@ -26,12 +27,10 @@ from mailguard.interfaces import (
     IUserDirectory,
     IVrfyPolicy,
 )
-from mailguard.policy import directory as directory_mod
+from mailguard.policy import directorybuild as directory_mod
 from mailguard.policy import ipgroups as ipgroups_mod
 from mailguard.policy import passwords as passwords_mod
-from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
-from mailguard.policy.gatewayvrfy import GatewayVrfyPolicy
-from mailguard.policy.greeting import GreetingPolicy, PassCache
+from mailguard.policy.greeting import PassCache
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,11 @@ class Tables:
 def build_tables(config: Configuration) -> tuple[Tables | None, list[Problem]]:
     """The IP groups, the directory and the password checker, with every
     problem found while building them (None when any is an error)."""
+    with paused_gc():
+        return _build_tables(config)
+
+
+def _build_tables(config: Configuration) -> tuple[Tables | None, list[Problem]]:
     problems: list[Problem] = []
     groups, group_problems = ipgroups_mod.build(config.ip_group_rows)
     problems += group_problems
@@ -108,6 +112,13 @@ def build_policies(config: Configuration, clock, *, tables: Tables | None = None
     @param pass_cache: the greeting pass cache to use, so that it survives a
         reload; by default a new one when the configuration enables it.
     """
+    # Imported here: reading and checking a configuration (``mailguard
+    # check``) needs the tables, not the session's decisions, which pull in
+    # twisted.internet (half of the check's memory before any file is read).
+    from mailguard.policy.decide import RecipientPolicy, TrustPolicy, VrfyPolicy
+    from mailguard.policy.gatewayvrfy import GatewayVrfyPolicy
+    from mailguard.policy.greeting import GreetingPolicy
+
     if tables is None:
         tables, problems = build_tables(config)
         if tables is None:

@@ -2,7 +2,8 @@
 
 RCPT and VRFY ask one question, "what is this address?", and the answer must
 be cheap and must not depend much on whether the address exists.  So
-everything is resolved when the directory is built (L{build}), and a lookup
+everything is resolved when the directory is built
+(L{mailguard.policy.directorybuild.build}), and a lookup
 is a few string operations and two dict probes:
 
     1. the domain, lower-cased and without a trailing dot, maps to its
@@ -48,21 +49,19 @@ from __future__ import annotations
 
 import enum
 import re
-import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from zope.interface import implementer
 
 from mailguard.interfaces import IUserDirectory
-from mailguard.config.problems import Problem, Where
-from mailguard.config.records import AliasRecord, DomainRecord, UserRecord
 
 __all__ = [
     "Lookup",
     "LookupStatus",
     "UserDirectory",
     "build",
+    "maildir_dirs",
     "normalise_domain",
     "split_address",
 ]
@@ -113,7 +112,7 @@ def normalise_domain(domain: str) -> str:
     return domain.lower().removesuffix(".")
 
 
-def _unquote(local: str) -> str:
+def unquote_local(local: str) -> str:
     if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
         return _QUOTED_PAIR.sub(r"\1", local[1:-1])
     return local
@@ -131,38 +130,27 @@ def split_address(address: str) -> tuple[str, str, bool]:
     if not sep:
         local, domain = domain, ""
     if local[:1] == '"':
-        local = _unquote(local)
+        local = unquote_local(local)
     return local, normalise_domain(domain), bool(sep)
 
 
-def _is_wildcard(name: str) -> bool:
-    return "*" in name or "?" in name
+def _safe_dir(name: str) -> str:
+    if name in (".", ".."):
+        return "_" + name
+    return name.replace("/", "_").replace("\0", "_") or "_"
 
 
-def _compile_wildcard(name: str):
-    """Kerio's alias wildcards: C{*} any run of characters, C{?} one."""
-    parts = []
-    for ch in name.lower():
-        if ch == "*":
-            parts.append(".*")
-        elif ch == "?":
-            parts.append(".")
-        else:
-            parts.append(re.escape(ch))
-    return re.compile("".join(parts), re.DOTALL).fullmatch
+def maildir_dirs(mailbox: str) -> tuple[str, str]:
+    """The (domain, user) directory names of C{mailbox}'s Maildir, which
+    ``mailguard.store.maildir`` puts at ``SPOOL/mail/DOMAIN/USER/Maildir``.
 
-
-def _split_names(values) -> list[str]:
-    """A user's Aliases: a tuple of names, or Kerio's comma-separated text."""
-    if isinstance(values, str):
-        values = (values,)
-    out = []
-    for value in values or ():
-        for name in str(value).split(","):
-            name = name.strip()
-            if name:
-                out.append(name)
-    return out
+    C{mailbox} is a canonical address (L{Lookup.mailboxes}).  The
+    configuration refuses names this would have to change (path
+    separators, NUL, "." and ".."), but records may come from elsewhere,
+    so the mapping still keeps every name inside the spool -- and L{build}
+    refuses two accounts it maps onto one directory."""
+    local, _, domain = mailbox.rpartition("@")
+    return _safe_dir(domain), _safe_dir(local)
 
 
 # --- the directory --------------------------------------------------------
@@ -172,7 +160,8 @@ _NO_DOMAIN: tuple[None, tuple] = (None, ())
 
 @implementer(IUserDirectory)
 class UserDirectory:
-    """An immutable directory; build one with L{build}.
+    """An immutable directory; build one with
+    L{mailguard.policy.directorybuild.build}.
 
     C{UserDirectory()} is an empty directory (no local domain).
     """
@@ -202,7 +191,7 @@ class UserDirectory:
         if not sep:
             local, domain = domain, ""
         if local[:1] == '"':
-            local = _unquote(local)
+            local = unquote_local(local)
         domain = domain.lower().removesuffix(".")
         lower = local.lower()
         primary, patterns = self._domains.get(domain, _NO_DOMAIN)
@@ -238,396 +227,3 @@ class UserDirectory:
 
     def __repr__(self) -> str:
         return f"<UserDirectory: {len(self._primaries)} domains, {len(self)} users>"
-
-
-# --- building -------------------------------------------------------------
-
-
-class _Alias:
-    """Build-time state of one alias address (records merged by name)."""
-
-    __slots__ = ("key", "where", "targets", "shadows")
-
-    def __init__(self, key: str, where: Where):
-        self.key = key
-        self.where = where
-        self.targets: list[tuple[str, Where]] = []
-        self.shadows = False
-
-
-def build(
-    domains: Iterable[DomainRecord],
-    users: Iterable[UserRecord],
-    aliases: Iterable[AliasRecord],
-) -> tuple[UserDirectory, list[Problem]]:
-    """Build a L{UserDirectory}; never raises on bad data.
-
-    Whatever is wrong comes back as L{Problem}s (sorted by place) and the
-    offending item is left out (the first of two duplicates is kept).
-    C{users} is iterated once, so it may be a generator.
-    """
-    problems: list[Problem] = []
-    # Problems that must name the line of an earlier user: resolved in one
-    # pass over the accounts at the end, so no per-user map is kept.
-    deferred: list[tuple[str, object]] = []
-
-    # -- domains: every primary first, then the aliases, so an alias that
-    # collides with a domain defined later is still caught.
-    domain_list = list(domains)
-    primary_of: dict[str, str] = {}
-    where_of_domain: dict[str, Where] = {}
-    primaries: list[str] = []
-    accepted: list[tuple[DomainRecord, str]] = []
-    for record in domain_list:
-        name = normalise_domain(record.name.strip())
-        if not name:
-            problems.append(Problem(record.where, "domain with an empty name"))
-            continue
-        if name in primary_of:
-            problems.append(
-                Problem(
-                    record.where,
-                    f"duplicate domain {name} (first defined at {where_of_domain[name]})",
-                )
-            )
-            continue
-        name = sys.intern(name)
-        primary_of[name] = name
-        where_of_domain[name] = record.where
-        primaries.append(name)
-        accepted.append((record, name))
-    for record, primary in accepted:  # a dropped record's aliases go with it
-        for alias in _split_names(record.aliases):
-            alias = normalise_domain(alias)
-            if alias == primary:
-                continue
-            if alias in primary_of:
-                other = primary_of[alias]
-                what = f"domain {alias}" if other == alias else f"alias {alias} of domain {other}"
-                problems.append(
-                    Problem(
-                        record.where,
-                        f"domain alias {alias} of {primary} collides with "
-                        f"{what} ({where_of_domain[alias]})",
-                    )
-                )
-                continue
-            primary_of[sys.intern(alias)] = primary
-            where_of_domain[alias] = record.where
-
-    # -- users: one pass; entries map every name of a user to its canonical
-    # address (the same str object for all of them).
-    entries: dict[str, str | Lookup] = {}
-    accounts: list[str] = []
-    wheres: list[Where] = []  # parallel to accounts, dropped at the end
-    disabled: set[str] = set()
-    for record in users:
-        name = _unquote(record.name.strip())
-        domain = normalise_domain(record.domain.strip())
-        shown = f"{name}@{domain}"
-        primary = primary_of.get(domain)
-        if not name:
-            problems.append(Problem(record.where, f"user with an empty name in domain {domain}"))
-            continue
-        if primary is None:
-            problems.append(
-                Problem(
-                    record.where,
-                    f"user {shown}: domain {domain or '(empty)'} is not a local domain",
-                )
-            )
-            continue
-        canonical = f"{name.lower()}@{primary}"
-        first = entries.get(canonical)
-        if first is not None and first != canonical:
-            # The name was taken as an extra name of another user: the
-            # account wins, the other user's alias is dropped.
-            deferred.append(
-                (
-                    first,
-                    lambda w, where=record.where, shown=shown, first=first: Problem(
-                        where,
-                        f"user {shown} is also an alias of user {first} ({w}); "
-                        "the alias is ignored",
-                    ),
-                )
-            )
-        elif first is not None:
-            deferred.append(
-                (
-                    first,
-                    lambda w, where=record.where, shown=shown, first=first: Problem(
-                        where,
-                        f"duplicate user {shown}: {first} is already defined at {w} "
-                        "(user names are case-insensitive)",
-                    ),
-                )
-            )
-            continue
-        entries[canonical] = canonical
-        accounts.append(canonical)
-        wheres.append(record.where)
-        if not record.enabled:
-            disabled.add(canonical)
-        for extra in _split_names(record.aliases):
-            if "@" in extra:
-                local, extra_domain, _ = split_address(extra)
-            else:
-                local, extra_domain = _unquote(extra), primary
-            extra_primary = primary_of.get(extra_domain)
-            if extra_primary is None or not local:
-                problems.append(
-                    Problem(
-                        record.where,
-                        f"user {canonical}: alias {extra} is not an address in a local domain",
-                    )
-                )
-                continue
-            key = f"{local.lower()}@{extra_primary}"
-            holder = entries.get(key)
-            if holder is None:
-                entries[key] = canonical
-            elif holder != canonical:
-                deferred.append(
-                    (
-                        holder,
-                        lambda w, where=record.where, c=canonical, key=key, h=holder: Problem(
-                            where,
-                            f"user {c}: alias {key} already names user {h} ({w})",
-                        ),
-                    )
-                )
-
-    # -- alias records: merged by address, then flattened.
-    nodes: dict[str, _Alias] = {}
-    wildcards: dict[str, list[tuple[object, str]]] = {}  # primary -> (match, key)
-    for record in aliases:
-        name = _unquote(record.name.strip())
-        domain = normalise_domain(record.domain.strip())
-        primary = primary_of.get(domain)
-        if not name:
-            problems.append(Problem(record.where, f"alias with an empty name in domain {domain}"))
-            continue
-        if primary is None:
-            problems.append(
-                Problem(
-                    record.where,
-                    f"alias {name}@{domain}: domain {domain or '(empty)'} is not a local domain",
-                )
-            )
-            continue
-        key = f"{name.lower()}@{primary}"
-        node = nodes.get(key)
-        if node is None:
-            node = nodes[key] = _Alias(key, record.where)
-            if _is_wildcard(name):
-                wildcards.setdefault(primary, []).append((_compile_wildcard(name), key))
-            elif key in entries:
-                node.shadows = True
-                holder = entries[key]
-                deferred.append(
-                    (
-                        holder,
-                        lambda w, where=record.where, key=key, h=holder: Problem(
-                            where,
-                            f"alias {key} shadows user {h} ({w}); "
-                            f"mail to {key} follows the alias",
-                            severity="warning",
-                        ),
-                    )
-                )
-        for target in _split_names(record.deliver_to):
-            node.targets.append((target, record.where))
-
-    # Each alias's edges: ("user", canonical), ("fwd", address) or
-    # ("alias", key).
-    edges: dict[str, list[tuple[str, str]]] = {}
-    for key, node in nodes.items():
-        out: list[tuple[str, str]] = []
-        if not node.targets:
-            problems.append(Problem(node.where, f"alias {key} delivers to nothing"))
-        own_domain = key.rpartition("@")[2]
-        for target, where in node.targets:
-            if "@" in target:
-                local, domain, _ = split_address(target)
-            else:
-                local, domain = _unquote(target), own_domain
-            primary = primary_of.get(domain)
-            if primary is None:
-                out.append(("fwd", f"{local}@{domain}"))
-                continue
-            tkey = f"{local.lower()}@{primary}"
-            if tkey == key and node.shadows:
-                out.append(("user", entries[tkey]))  # Kerio: sherlock -> sherlock
-            elif tkey in nodes and not _is_wildcard(local):
-                out.append(("alias", tkey))
-            elif tkey in entries:
-                out.append(("user", entries[tkey]))
-            else:
-                wild = None
-                if local:
-                    for match, wkey in wildcards.get(primary, ()):
-                        if match(local.lower()) is not None:
-                            wild = wkey
-                            break
-                if wild is not None:
-                    out.append(("alias", wild))
-                else:
-                    problems.append(
-                        Problem(
-                            where,
-                            f"alias {key}: target {tkey} is not a local user or alias",
-                        )
-                    )
-        edges[key] = out
-
-    resolved = _flatten(nodes, edges, problems)
-
-    # -- assemble: disabled users and aliases become prebuilt Lookups.
-    disabled_lookup: dict[str, Lookup] = {c: Lookup(DISABLED, c) for c in disabled}
-    if disabled_lookup:
-        for key, value in entries.items():
-            if value in disabled_lookup:
-                entries[key] = disabled_lookup[value]
-    templates: dict[str, Lookup] = {}
-    for key in nodes:
-        reached, forwards = resolved[key]
-        mailboxes = tuple(m for m in reached if m not in disabled)
-        if mailboxes or forwards:
-            status = KNOWN
-        elif reached:  # every account it reaches is disabled
-            status = DISABLED
-        else:
-            status = UNKNOWN
-        templates[key] = Lookup(status, key, mailboxes, forwards)
-    for key, template in templates.items():
-        if not _is_wildcard(key.rpartition("@")[0]):
-            entries[key] = template
-
-    patterns = {
-        primary: tuple((match, templates[key]) for match, key in found)
-        for primary, found in wildcards.items()
-    }
-    domain_map = {
-        name: (primary, patterns.get(primary, ())) for name, primary in primary_of.items()
-    }
-
-    if deferred:
-        wanted = {holder for holder, _ in deferred}
-        found_at = {c: wheres[i] for i, c in enumerate(accounts) if c in wanted}
-        problems.extend(make(found_at[holder]) for holder, make in deferred)
-    del wheres
-
-    problems.sort(key=lambda p: (p.where.file, p.where.line))
-    return UserDirectory(domain_map, entries, accounts, primaries), problems
-
-
-def _flatten(nodes, edges, problems):
-    """Resolve every alias to (accounts, forwards), both tuples in order.
-
-    Tarjan's strongly connected components, iteratively (no recursion
-    limit): a component is finished only after everything it reaches, so
-    each alias is resolved once.  Every component that is a cycle is an
-    alias loop, reported once with its chain; its members deliver to
-    everything the loop reaches.
-    """
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    component_of: dict[str, int] = {}
-    results: dict[int, tuple[dict, dict]] = {}
-    counter = 0
-
-    for root in nodes:
-        if root in index:
-            continue
-        work = [(root, 0)]
-        while work:
-            node, i = work.pop()
-            if i == 0:
-                index[node] = low[node] = counter
-                counter += 1
-                stack.append(node)
-                on_stack.add(node)
-            out = edges[node]
-            recurse = False
-            while i < len(out):
-                kind, target = out[i]
-                i += 1
-                if kind != "alias":
-                    continue
-                if target not in index:
-                    work.append((node, i))
-                    work.append((target, 0))
-                    recurse = True
-                    break
-                if target in on_stack:
-                    low[node] = min(low[node], index[target])
-            if recurse:
-                continue
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-            if low[node] == index[node]:
-                members = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    members.append(member)
-                    if member == node:
-                        break
-                members.reverse()
-                cid = len(results)
-                for member in members:
-                    component_of[member] = cid
-                results[cid] = _resolve_component(members, edges, component_of, results, cid)
-                member_set = set(members)
-                if len(members) > 1 or ("alias", node) in edges[node]:
-                    start = min(members, key=lambda m: index[m])
-                    chain = _cycle(start, edges, member_set)
-                    problems.append(
-                        Problem(nodes[start].where, "alias loop: " + " -> ".join(chain))
-                    )
-
-    flat = {cid: (tuple(mail), tuple(fwd)) for cid, (mail, fwd) in results.items()}
-    return {key: flat[component_of[key]] for key in nodes}
-
-
-def _resolve_component(members, edges, component_of, results, cid):
-    mailboxes: dict[str, None] = {}
-    forwards: dict[str, None] = {}
-    for member in members:
-        for kind, target in edges[member]:
-            if kind == "user":
-                mailboxes[target] = None
-            elif kind == "fwd":
-                forwards[target] = None
-            elif component_of.get(target) != cid:
-                sub_mail, sub_fwd = results[component_of[target]]
-                mailboxes.update(sub_mail)
-                forwards.update(sub_fwd)
-    return mailboxes, forwards
-
-
-def _cycle(start, edges, members):
-    """The shortest chain from C{start} back to itself inside C{members}."""
-    previous: dict[str, str] = {}
-    frontier = [start]
-    while frontier:
-        nxt = []
-        for node in frontier:
-            for kind, target in edges[node]:
-                if kind != "alias" or target not in members:
-                    continue
-                if target == start:
-                    chain = [start]
-                    while node != start:
-                        chain.append(node)
-                        node = previous[node]
-                    return [start, *reversed(chain[1:]), start]
-                if target not in previous:
-                    previous[target] = node
-                    nxt.append(target)
-        frontier = nxt
-    return [start, start]  # unreachable for a real component

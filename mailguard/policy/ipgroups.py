@@ -270,6 +270,19 @@ class IPGroups:
         flat = self._groups.get(group)
         return len(flat.v4_starts) + len(flat.v6_starts) if flat else 0
 
+    def bounds(self, group: str, version: int) -> tuple[list[int], list[int]]:
+        """The merged, sorted intervals of C{group} for IP C{version} (4 or
+        6; IPv4-mapped IPv6 is folded to 4) as two parallel lists, the
+        inclusive starts and ends -- the group's own lists, not copies: do
+        not change them.  Empty for an unknown group.  For checks on a
+        group's extent (the open-relay check); lookups use L{contains}."""
+        flat = self._groups.get(group)
+        if flat is None:
+            return [], []
+        if version == 4:
+            return flat.v4_starts, flat.v4_ends
+        return flat.v6_starts, flat.v6_ends
+
     def describe(self, group: str) -> str:
         """A one-line summary for ``mailguard check``, e.g.
         ``Trusted: 3 entries, includes LAN; 1 disabled``."""
@@ -307,7 +320,8 @@ def build(rows: Iterable[IpGroupRow]) -> tuple[IPGroups, list[Problem]]:
     will fail once enabled).
     """
     problems: list[Problem] = []
-    own: dict[str, list[tuple[int, int, int]]] = {}  # group -> (family, lo, hi)
+    # group -> {family: [(lo, hi), ...]}: one tuple per row, merged in place
+    own: dict[str, dict[int, list[tuple[int, int]]]] = {}
     includes: dict[str, list[tuple[str, str, Where]]] = {}  # -> (name, value, where)
     stats: dict[str, _Stats] = {}
 
@@ -324,7 +338,7 @@ def build(rows: Iterable[IpGroupRow]) -> tuple[IPGroups, list[Problem]]:
             report(group, f"row for {_q(value)} has no group name", where)
             continue
         if group not in own:
-            own[group] = []
+            own[group] = {_V4: [], _V6: []}
             includes[group] = []
             stats[group] = _Stats()
         st = stats[group]
@@ -360,7 +374,7 @@ def build(rows: Iterable[IpGroupRow]) -> tuple[IPGroups, list[Problem]]:
             continue
         if warning:
             report(group, warning, where, "warning")
-        own[group].append((family, lo, hi))
+        own[group][family].append((lo, hi))
         st.entries += 1
 
     # Unknown includes are found before the walk, so the walk only follows
@@ -397,13 +411,13 @@ def _flatten(own, edges, stats, report) -> dict[str, _Flat]:
     accepted: dict[str, list[str]] = {}
 
     def finish(group: str) -> None:
-        v4 = [(lo, hi) for fam, lo, hi in own[group] if fam == _V4]
-        v6 = [(lo, hi) for fam, lo, hi in own[group] if fam == _V6]
+        v4, v6 = own[group][_V4], own[group][_V6]
         for child in accepted[group]:
             v4 += flats[child].intervals(_V4)
             v6 += flats[child].intervals(_V6)
         s4, e4 = _merge(v4)
         s6, e6 = _merge(v6)
+        own[group] = None  # the rows' tuples are garbage from here on
         flats[group] = _Flat(s4, e4, s6, e6)
 
     for root in own:  # configuration order: deterministic reports

@@ -61,6 +61,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailguard.interfaces import IIncomingMessage, IMessageStore
+from mailguard.policy.directory import maildir_dirs
 from mailguard.store.durable import DirSyncer, empty_dir, makedirs_durable, run_inline, write_all
 from mailguard.store.envelope import Envelope
 
@@ -70,13 +71,7 @@ log = Logger()
 
 
 def maildir_path(spool: str, mailbox: str) -> str:
-    local, _, domain = mailbox.rpartition("@")
-    safe = lambda s: s.replace("/", "_").replace("\0", "_") or "_"  # noqa: E731
-    if local in (".", ".."):
-        local = "_" + local
-    if domain in (".", ".."):
-        domain = "_" + domain
-    return os.path.join(spool, "mail", safe(domain), safe(local), "Maildir")
+    return os.path.join(spool, "mail", *maildir_dirs(mailbox), "Maildir")
 
 
 def ensure_maildir(path: str) -> None:

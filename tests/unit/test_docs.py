@@ -346,8 +346,10 @@ def unknown_setting_names(text: str, known: set[str]) -> list[str]:
     return sorted({m.group(0) for m in _setting_like().finditer(text)} - known)
 
 
-# Kerio names a document may mention although mailguard does not read them.
-NOT_READ: set[str] = set()
+# Names a document may mention although mailguard does not read them: the
+# misspellings the checks warn about, quoted as examples, and a Kerio
+# section name.
+NOT_READ: set[str] = {"SmtpGreetingDelai", "SmtpMaxConectionsPerIp", "QueueLifeTime", "SmtpServer"}
 
 
 def test_every_setting_name_in_the_documents_is_one_mailguard_reads():
@@ -369,9 +371,11 @@ def collections_documented() -> dict[str, set[str]]:
 
 
 def test_the_documented_collections_and_columns_are_read_by_the_code():
-    source = (ROOT / "mailguard" / "config" / "settings.py").read_text(encoding="utf-8")
-    literals = {n.value for n in ast.walk(ast.parse(source))
-                if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    literals = set()
+    for module in ("settings.py", "records.py"):  # the collections are read in records.py
+        source = (ROOT / "mailguard" / "config" / module).read_text(encoding="utf-8")
+        literals |= {n.value for n in ast.walk(ast.parse(source))
+                     if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     documented = collections_documented()
     assert set(documented) == {"Domain", "IpAddressGroup", "User", "Alias"}
     for name, columns in documented.items():

@@ -25,12 +25,14 @@ def test_plugin_is_discovered():
     assert "mailguard" in names
 
 
+@pytest.mark.e2e
 def test_twistd_help_lists_mailguard():
     out = _twistd("--help")
     assert out.returncode == 0
     assert "mailguard" in out.stdout
 
 
+@pytest.mark.e2e
 def test_mailguard_help_documents_every_option():
     out = _twistd("-n", "mailguard", "--help")
     assert out.returncode == 0, out.stderr
@@ -63,6 +65,7 @@ def test_bad_config_is_a_usage_error_with_file_line(tmp_path):
     assert "MaxMessageSize" in str(e.value)
 
 
+@pytest.mark.e2e
 def test_bad_config_twistd_exits_nonzero_without_traceback(tmp_path):
     cfg = write_config(tmp_path / "mailserver.cfg", {"VRFYEnabled": "yes"})
     out = _twistd("-n", "mailguard", "--config", str(cfg))
@@ -104,3 +107,43 @@ def test_submission_without_tls_warns(tmp_path):
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert any("--submission without --tls-cert" in e.get("log_format", "") for e in events)
+
+
+def test_open_relay_group_refuses_to_start(tmp_path):
+    """The rules of `mailguard check` run at start-up: an error is one
+    FILE:LINE line."""
+    cfg = write_config(tmp_path / "mailserver.cfg", groups=[("Trusted", "0.0.0.0/0")])
+    with pytest.raises(usage.UsageError) as e:
+        tap.Options().parseOptions(["--config", str(cfg)])
+    assert str(e.value).splitlines() == [
+        f'{cfg}:7: the relay IP group "Trusted" covers all of IPv4: this is an open relay (anyone may send '
+        "mail anywhere through this server); narrow the group, or set RelayControlOpenRelayIntended to 1 "
+        "if that is really meant"]
+
+
+def test_intended_open_relay_starts(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg", {"RelayControlOpenRelayIntended": "1"},
+                       groups=[("Trusted", "0.0.0.0/0")])
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(cfg)])
+    assert opts.config.open_relay_intended and opts.warnings == []
+
+
+def test_warnings_are_logged_at_start_up(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    cfg = write_config(tmp_path / "mailserver.cfg", {"SmtpGreetingDelai": "25", "SmtpGreetingDelay": "400"})
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(cfg), "--spool", str(tmp_path / "spool"),
+                       "--smtp", "tcp:0:interface=127.0.0.1"])
+    assert [p.severity for p in opts.warnings] == ["warning", "warning"]
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        tap.makeService(opts)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e["problem"] for e in events if e.get("log_format") == "configuration: {problem}"]
+    assert logged == [str(p) for p in opts.warnings]
+    assert any('did you mean "SmtpGreetingDelay"?' in line for line in logged)
+    assert any("SmtpGreetingDelay is 400 s" in line for line in logged)

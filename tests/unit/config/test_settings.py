@@ -291,3 +291,17 @@ def test_name_may_hold_the_whole_address(tmp_path):
     config, _, _ = _users_file(tmp_path, ["x.test", "y.test"], '<list name="User"><listitem>'
                                '<variable name="Name">amy@Y.test</variable></listitem></list>')
     assert [u.address for u in config.users] == ["amy@y.test"]
+
+
+def test_every_setting_and_range_is_documented():
+    """Each name of SCALARS is in the documentation, on a line that gives
+    its range when it is a number."""
+    from tests.conftest import ROOT
+
+    docs = "\n".join(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))
+    for scalar in C.SCALARS:
+        lines = [line for line in docs.splitlines() if f"`{scalar.name}`" in line]
+        assert lines, scalar.name
+        rng = getattr(scalar.parse, "range", None)
+        if rng is not None:
+            assert any(rng in line for line in lines), (scalar.name, rng)

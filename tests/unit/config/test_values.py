@@ -1,5 +1,7 @@
 """The value parsers (mailguard.config.values): one grammar per kind of value."""
 
+import re
+
 import pytest
 
 from mailguard.config import values as V
@@ -50,3 +52,124 @@ def test_parse_host_port_grammar_of_the_relay_host():
         V.parse_host_port("mx.test")
 
 
+
+
+# --- numbers: ASCII decimal, a documented range, short messages ------------------
+
+@pytest.mark.parametrize("parser, text, expected", [
+    (V.Number(0, 10), "7", 7),
+    (V.Number(0, 10), " 10 ", 10),
+    (V.Number(1, 100, "a number of connections"), "1", 1),
+    (V.Seconds(0, 3600), "25", 25.0),
+    (V.Seconds(0, 3600), "0.5", 0.5),
+    (V.Seconds(0, 3600), "3600", 3600.0),
+    (V.Seconds(0, 300, open_lo=True), "300", 300.0),
+])
+def test_numbers_accepted(parser, text, expected):
+    assert parser(text) == expected
+
+
+@pytest.mark.parametrize("parser, text", [
+    (V.Number(0, 10), "11"),
+    (V.Number(1, 10), "0"),
+    (V.Number(0, 10), "-1"),
+    (V.Number(0, 10), "+1"),
+    (V.Number(0, 10), "1_0"),
+    (V.Number(0, 10), "\u0663"),  # ARABIC-INDIC DIGIT THREE: int() takes it
+    (V.Number(0, 10), "\uff13"),  # FULLWIDTH DIGIT THREE
+    (V.Number(0, 10), "1.0"),
+    (V.Number(0, 10), ""),
+    (V.Seconds(0, 3600), "\u0663"),
+    (V.Seconds(0, 3600), "1e3"),
+    (V.Seconds(0, 3600), "inf"),
+    (V.Seconds(0, 3600), "nan"),
+    (V.Seconds(0, 3600), "3_0"),
+    (V.Seconds(0, 3600), "3600.5"),
+    (V.Seconds(0, 3600), ".5"),
+    (V.Seconds(0, 300, open_lo=True), "0"),
+])
+def test_numbers_refused(parser, text):
+    with pytest.raises(ValueError) as e:
+        parser(text)
+    assert f"from {parser.range}" in str(e.value)
+
+
+@pytest.mark.parametrize("parser", [V.Number(0, 10), V.Seconds(0, 10), V.parse_uint])
+def test_a_huge_number_is_an_ordinary_error(parser):
+    """int() of 5,000 digits raises about sys.set_int_max_str_digits():
+    that text must never reach an administrator; nor must the 5,000 digits."""
+    with pytest.raises(ValueError) as e:
+        parser("9" * 5000)
+    message = str(e.value)
+    assert "set_int_max_str_digits" not in message
+    assert "(5000 characters)" in message and len(message) < 200
+
+
+def test_range_text():
+    assert V.Number(0, 4294967295).range == "0 to 4294967295"
+    assert V.Seconds(0, 300, open_lo=True).range == "0 (excluded) to 300"
+
+
+# --- names and addresses -----------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["john", "John.Doe", "a+tag", "o'brien", "*", "?ill", "_..", "žluťoučký",
+                                  "x" * 64])
+def test_local_parts_accepted(text):
+    assert V.parse_local_part(text) == text
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("x/y", 'contains a path separator ("/")'),
+    ("x\\y", 'contains a path separator ("\\")'),
+    ("..", "is not allowed (it names a directory)"),
+    (".", "is not allowed (it names a directory)"),
+    ("john smith", "contains a space (U+0020)"),
+    ("a\tb", "contains a control character (U+0009)"),
+    ("a\r\nRCPT TO:<x@evil.test>", "contains a control character (U+000D)"),
+    ("a\x00b", "contains a control character (U+0000)"),
+    ("a\x85b", "contains a control character (U+0085)"),
+    ("a\u202eb", "contains a format control character (U+202E)"),
+    ("a\u2028b", "contains a line separator (U+2028)"),
+    ("a\u00a0b", "contains a space (U+00A0)"),
+    ("x@y", 'contains "@"'),
+    ("x" * 65, "is longer than 64 octets"),
+    ("é" * 33, "is longer than 64 octets"),
+    ("", "is empty"),
+])
+def test_local_parts_refused(text, fragment):
+    with pytest.raises(ValueError) as e:
+        V.parse_local_part(text, "user name")
+    message = str(e.value)
+    assert message.startswith("user name") and message.endswith(fragment), message
+    assert message.isprintable()  # the value is escaped, never raw
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("John@Example.COM", "John@example.com"),
+    ("a+b@mx.test.", "a+b@mx.test"),
+])
+def test_addresses_accepted(text, expected):
+    assert V.parse_address(text) == expected
+    assert V.parse_name_or_address(text) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a@b@c.test", 'contains more than one "@"'),
+    ("@c.test", "the local part is empty"),
+    ("a b@c.test", '"a b@c.test" contains a space'),
+    ("x@c.test\r\nDATA", "contains a control character (U+000D)"),
+    ("..@c.test", "the local part is not allowed (it names a directory)"),
+    ("x@bad_domain", "is not a valid domain name"),
+    ("x@[127.0.0.1]", "is not a valid domain name"),
+    ("x@", "is not a valid domain name"),
+])
+def test_addresses_refused(text, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        V.parse_address(text)
+
+
+def test_shown_escapes_and_cuts():
+    assert V.shown("plain") == '"plain"'
+    assert V.shown("a\r\nb") == '"a\\r\\nb"'
+    assert V.shown("a\u202eb") == '"a\\u202eb"'
+    assert V.shown("x" * 50, 10) == '"xxxxxxxxxx..." (50 characters)'

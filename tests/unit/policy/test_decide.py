@@ -442,7 +442,7 @@ def relay_directories():
 
 
 def _real_directory():
-    from mailguard.policy.directory import build
+    from mailguard.policy.directorybuild import build
     from mailguard.config.records import AliasRecord, DomainRecord, UserRecord
 
     d, problems = build(

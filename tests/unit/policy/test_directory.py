@@ -18,9 +18,9 @@ from mailguard.policy.directory import (
     Lookup,
     LookupStatus,
     UserDirectory,
-    build,
     split_address,
 )
+from mailguard.policy.directorybuild import build
 from mailguard.interfaces import IUserDirectory
 from mailguard.config.problems import Where
 from mailguard.config.records import AliasRecord, DomainRecord, UserRecord
@@ -843,3 +843,41 @@ def test_split_address():
     assert split_address('"a@b"@Example.COM.') == ("a@b", "example.com", True)
     assert split_address('"a\\"b"@x.org') == ('a"b', "x.org", True)
     assert split_address("Postmaster") == ("Postmaster", "", False)
+
+
+# --- Maildir directories ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mailbox, dirs", [
+    ("john@example.com", ("example.com", "john")),
+    ("x/y@example.com", ("example.com", "x_y")),
+    ("a\0b@example.com", ("example.com", "a_b")),
+    ("..@example.com", ("example.com", "_..")),
+    (".@..", ("_..", "_.")),
+    ("@example.com", ("example.com", "_")),
+])
+def test_maildir_dirs(mailbox, dirs):
+    from mailguard.policy.directory import maildir_dirs
+
+    assert maildir_dirs(mailbox) == dirs
+
+
+def test_maildir_path_uses_the_one_mapping(tmp_path):
+    from mailguard.policy.directory import maildir_dirs
+    from mailguard.store.maildir import maildir_path
+
+    for mailbox in ("john@example.com", "x/y@example.com", "..@x", "a\0@b"):
+        assert maildir_path(str(tmp_path), mailbox) == str(tmp_path.joinpath("mail", *maildir_dirs(mailbox), "Maildir"))
+
+
+def test_two_accounts_with_one_maildir_are_an_error():
+    """x/y and x_y mapped to the same Maildir: mail for one landed in the
+    other's box.  The configuration refuses "/" in a name, but records may
+    come from elsewhere (an embedding application, mailguard.testing)."""
+    directory, problems = built([domain("example.com")],
+                                [user("x_y@example.com", line=11), user("x/y@example.com", line=12),
+                                 user("..@example.com", line=13), user("_..@example.com", line=14)])
+    assert problems == [
+        f"{CFG}:12: user x/y@example.com: its Maildir would be the directory of user x_y@example.com ({CFG}:11)",
+        f"{CFG}:14: user _..@example.com: its Maildir would be the directory of user ..@example.com ({CFG}:13)",
+    ]

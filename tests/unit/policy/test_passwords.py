@@ -9,7 +9,7 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from mailguard.policy import passwords
-from mailguard.policy.directory import build
+from mailguard.policy.directorybuild import build
 from mailguard.interfaces import IPasswordChecker
 from mailguard.policy.passwords import (
     PasswordChecker,
@@ -144,10 +144,10 @@ def test_password_warnings():
     ]
     problems = password_warnings(users)
     assert [str(p) for p in problems] == [
-        "users.cfg:3: warning: user john@example.com: password in D3S: form cannot be "
-        "verified; this user cannot authenticate",
-        "users.cfg:4: warning: user mary@example.com: password in SHA: form is malformed "
-        "(expected 56 hex digits); this user cannot authenticate",
+        "users.cfg:3: warning: 1 enabled user has a password in D3S: form that cannot be "
+        "decoded (bad length, hex or padding) (first: john@example.com); this user cannot authenticate",
+        "users.cfg:4: warning: 1 enabled user has a password in SHA: form that is malformed "
+        "(expected 56 hex digits) (first: mary@example.com); this user cannot authenticate",
     ]
     assert not any(p.is_error for p in problems)
 
@@ -307,3 +307,129 @@ def test_unknown_user_runs_the_dummy(checker, monkeypatch):
 
 def test_dummy_is_never_a_password(checker):
     assert checker.check_password("nobody@example.com", checker._dummy) is None
+
+
+# --- Kerio's D3S: and NUL: forms ----------------------------------------------------
+
+# The published test vector (John the Ripper, "Auditing Kerio Connect").
+OPENWALL = "D3S:d1ca0cee090ba26a64869078fcc95e46a74b66447f662068"
+
+
+def test_d3s_known_vector():
+    assert passwords.decode_d3s(OPENWALL) == "openwall"
+    assert passwords.decode_d3s("D3S:" + OPENWALL[4:].upper()) == "openwall"
+    assert password_form(OPENWALL) == "d3s"
+    assert verify_password(OPENWALL, "openwall")
+    assert verify_password(OPENWALL, b"openwall")
+    assert not verify_password(OPENWALL, "openwal")
+    assert not verify_password(OPENWALL, OPENWALL)
+
+
+def test_d3s_key_is_the_published_one():
+    assert passwords.D3S_KEY == bytes.fromhex("61d0e54954733b80" + "80" * 16)
+
+
+@pytest.mark.parametrize("password", ["", "x", "exactly8", "pässwörd", "a" * 100, "ABC:looks-like-a-scheme"])
+def test_d3s_round_trip(password):
+    stored = passwords.make_d3s_password(password)
+    assert stored != passwords.make_d3s_password(password)  # a fresh salt
+    assert passwords.decode_d3s(stored) == password
+    assert verify_password(stored, password) is True
+    assert verify_password(stored, password + "x") is False
+
+
+def test_d3s_same_salt_same_value():
+    salt = b"5f678b6682"
+    assert passwords.make_d3s_password("openwall", salt) == OPENWALL
+    with pytest.raises(ValueError):
+        passwords.make_d3s_password("x", b"short")
+
+
+@pytest.mark.parametrize("stored", [
+    D3S,  # whole blocks, but the padding is wrong
+    "D3S:",
+    "D3S:d1ca0cee090ba26a",  # one block: no room for the salt
+    OPENWALL[:-2],  # not whole blocks
+    OPENWALL[:-1] + "g",  # not hex
+    "D3S:" + "00" * 600,  # absurdly long
+])
+def test_malformed_d3s_is_unsupported(stored):
+    assert passwords.decode_d3s(stored) is None
+    assert password_form(stored) == "unsupported"
+    assert verify_password(stored, "openwall") is False
+
+
+@pytest.mark.parametrize("stored", ["NUL:", "NUL:anything"])
+def test_nul_is_no_password(stored):
+    assert password_form(stored) == "nul"
+    assert verify_password(stored, "") is False
+    assert verify_password(stored, stored) is False
+
+
+D3S_USERS = [
+    UserRecord("kerio", "example.com", OPENWALL, where=at(30)),
+    UserRecord("nul", "example.com", "NUL:", where=at(31)),
+    UserRecord("odd", "example.com", passwords.make_d3s_password("ABC:def"), where=at(32)),
+]
+
+
+@pytest.fixture(scope="module")
+def d3s_checker():
+    directory, _ = build(DOMAINS, USERS + D3S_USERS, [])
+    return PasswordChecker(USERS + D3S_USERS, directory)
+
+
+def test_d3s_users_authenticate(d3s_checker):
+    assert d3s_checker.check_password("kerio@example.com", "openwall") == "kerio@example.com"
+    assert d3s_checker.check_password("kerio", "openwall") == "kerio@example.com"
+    assert d3s_checker.check_password("kerio@example.com", "Openwall") is None
+    assert d3s_checker.check_password("kerio@example.com", OPENWALL) is None
+    assert d3s_checker.check_password("odd@example.com", "ABC:def") == "odd@example.com"
+    assert d3s_checker.check_password("nul@example.com", "") is None
+    assert d3s_checker.check_password("nul@example.com", "NUL:") is None
+
+
+def test_d3s_serves_cram_md5(d3s_checker):
+    assert d3s_checker.plaintext_password("kerio@example.com") == "openwall"
+    assert d3s_checker.plaintext_password("nul@example.com") is None
+    only_d3s = [UserRecord("a", "x.org", OPENWALL)]
+    assert PasswordChecker(only_d3s).has_plaintext_passwords()
+    assert not PasswordChecker([UserRecord("a", "x.org", "NUL:")]).has_plaintext_passwords()
+
+
+@pytest.mark.parametrize("username, password", [
+    ("kerio@example.com", "openwall"),
+    ("kerio@example.com", "wrong"),
+    ("nul@example.com", "x"),
+])
+def test_one_pbkdf2_per_attempt_for_kerio_forms(d3s_checker, pbkdf2_calls, username, password):
+    d3s_checker.check_password(username, password)
+    assert [(n, i) for n, _, i in pbkdf2_calls] == [("sha1", 10000)]
+
+
+def test_a_decoded_password_is_never_shown(d3s_checker):
+    secret = d3s_checker._find("kerio@example.com")[1]
+    assert repr(secret) == str(secret) == f"{secret}" == "<secret>"
+    assert "openwall" not in repr(d3s_checker.__dict__)
+
+
+def test_password_forms_are_counted():
+    users = [UserRecord(f"u{i}", "x.org", OPENWALL) for i in range(5)] + [
+        UserRecord("s", "x.org", SECRET_SHA), UserRecord("p", "x.org", "plain"),
+        UserRecord("n", "x.org", "NUL:"), UserRecord("e", "x.org", None),
+        UserRecord("m", "x.org", "MD5:x"), UserRecord("off", "x.org", OPENWALL, enabled=False)]
+    assert passwords.password_forms(users) == {"d3s": 5, "sha": 1, "plain": 1, "nul": 1, "none": 1,
+                                               "unsupported": 1}
+
+
+def test_warnings_are_one_line_per_form_not_per_user():
+    """20,000 users with a form mailguard cannot verify: one line, with the
+    count and the first of them."""
+    users = [UserRecord(f"u{i}", "x.org", "MD5:abc", where=at(100 + i)) for i in range(20000)]
+    users += [UserRecord(f"b{i}", "x.org", D3S, where=at(50000 + i)) for i in range(3)]
+    assert [str(p) for p in password_warnings(users)] == [
+        "users.cfg:100: warning: 20000 enabled users have a password in MD5: form, which mailguard "
+        "cannot verify (first: u0@x.org); they cannot authenticate",
+        "users.cfg:50000: warning: 3 enabled users have a password in D3S: form that cannot be decoded "
+        "(bad length, hex or padding) (first: b0@x.org); they cannot authenticate",
+    ]
