@@ -28,11 +28,14 @@ from mailguard.smtpd.factory import MailguardFactory, ServerContext
 from mailguard.config.problems import ConfigError, errors
 from mailguard.gateway.build import build_gateway
 from mailguard.interfaces import IUserDirectory
+from mailguard.policy.budgets import (EXEMPT_SESSIONS, ClientLimits, DescriptorPlan, descriptor_plan,
+                                     descriptor_reserve)
 from mailguard.policy.build import Tables, build_policies, build_tables
 from mailguard.config.values import parse_host_port
 from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
+from mailguard.smtpd.accept import GuardedEndpoint
 from mailguard.smtpd.proxy import ProxyHeaderFactory
 from mailguard.smtpd.seclog import SecurityLog
 from mailguard.smtpd import tls as tls_mod
@@ -51,23 +54,36 @@ DEFAULTS = {
 }
 
 
-def raise_fd_limit() -> int:
-    """Holding thousands of delayed connections needs file descriptors."""
+def fit_descriptors(config: Configuration) -> DescriptorPlan:
+    """Holding thousands of connections needs file descriptors: raise the
+    open-file limit as far as ``SmtpMaxConnections`` needs and the hard
+    limit allows; if it cannot hold them, fewer connections, with one
+    warning (L{mailguard.policy.budgets.descriptor_plan})."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
-    if soft < hard:
+    reserve = descriptor_reserve(config)
+    plan = descriptor_plan(soft, hard, config.max_connections, reserve)
+    if plan.soft > soft:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (plan.soft, hard))
         except (ValueError, OSError):
-            pass
-    return soft
+            plan = descriptor_plan(soft, soft, config.max_connections, reserve)
+    if plan.clamped:
+        log.warn("SmtpMaxConnections is {wanted} but the open-file limit (ulimit -n) is {limit}: at most "
+                 "{allowed} connections (each may hold 2 descriptors; {reserve} are kept for the relay "
+                 "IP group, the greeting-delay exceptions, the queue and the process)",
+                 wanted=config.max_connections, limit=plan.soft, allowed=plan.max_connections, reserve=reserve)
+    return plan
 
 
 def build_context(config: Configuration, options: Mapping[str, Any], reactor,
-                  tables: Tables | None = None) -> ServerContext:
-    """Everything the sessions share, built from the configuration."""
+                  tables: Tables | None = None, limits: ClientLimits | None = None) -> ServerContext:
+    """Everything the sessions share, built from the configuration.
+
+    @param limits: the per-address budgets (L{ClientLimits}) of the
+        context this one replaces, so that a reload forgets no attacker;
+        a new one when None."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     spool = os.path.abspath(opts["spool"])
     os.makedirs(spool, exist_ok=True)
@@ -101,6 +117,7 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor,
         queue=queue,
         dsn=True,
         run_blocking=run_in_thread(reactor),
+        limits=limits,
     )
 
 
@@ -159,7 +176,7 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
             factory = TLSMemoryBIOFactory(context.tls, False, factory)
         if proxied:
             factory = ProxyHeaderFactory(factory, reactor)
-        endpoint = endpoints.serverFromString(reactor, inner)
+        endpoint = GuardedEndpoint(endpoints.serverFromString(reactor, inner), reactor)
         svc = internet.StreamServerEndpointService(endpoint, factory)
         svc._raiseSynchronously = True
         svc.setName(listener)
@@ -167,5 +184,7 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
     if opts["submission"] and context.tls is None:
         log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                  "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")
-    raise_fd_limit()
+    plan = fit_descriptors(config)
+    context.connections.max_total = plan.max_connections
+    context.connections.exempt_reserve = EXEMPT_SESSIONS
     return top

@@ -38,8 +38,8 @@ from mailguard import replies
 from mailguard.policy.session import Session
 from mailguard.replies import Reply
 
-__all__ = ["ClientLimits", "DataDeadline", "DescriptorPlan", "FailureBudget", "Limited", "RateLimit",
-           "client_key", "descriptor_plan"]
+__all__ = ["EXEMPT_SESSIONS", "ClientLimits", "DataDeadline", "DescriptorPlan", "FailureBudget", "Limited",
+           "RateLimit", "client_key", "descriptor_plan", "descriptor_reserve"]
 
 RATE_WINDOW = 60.0  # seconds: the unit of the rate limits (Postfix's anvil_rate_time_unit)
 
@@ -308,6 +308,18 @@ class DescriptorPlan:
 # Descriptors a session may hold: its socket, and the file of the message
 # it is receiving.
 PER_SESSION = 2
+# Sessions of exempt clients (the relay IP group, the greeting-delay
+# exceptions) allowed past SmtpMaxConnections, from the reserve.
+EXEMPT_SESSIONS = 100
+_OTHER = 64  # listeners, logs, the reactor, the thread pools, files being read
+
+
+def descriptor_reserve(config) -> int:
+    """Descriptors kept from the sessions: for exempt clients' sessions
+    past the limit, the relay queue's connections (and the message each
+    one reads), the gateway's connections, and the process itself."""
+    return (PER_SESSION * EXEMPT_SESSIONS + 2 * config.queue_concurrency + config.gateway_connections
+            + _OTHER)
 
 
 def descriptor_plan(soft: int, hard: int, max_connections: int, reserve: int) -> DescriptorPlan:

@@ -43,10 +43,12 @@ class Connections:
     configured limits with ``421 4.7.0`` (``SmtpMaxConnections``,
     ``SmtpMaxConnectionsPerIp``; 0 is no limit).
 
-    The total limit applies to everyone: it protects the process (file
-    descriptors, memory).  Who is exempt from the per-IP limit is the
+    The total limit protects the process (file descriptors, memory); the
+    exempt (the relay IP group and the greeting-delay exceptions) may go
+    C{exempt_reserve} sessions past it, on descriptors kept for them, so
+    a flood of strangers cannot lock them out.  Who is exempt is the
     policy's decision (L{mailguard.policy.rules.connection_limit_exempt}),
-    asked only when the limit would refuse, so the common path costs a
+    asked only when a limit would refuse, so the common path costs a
     counter increment.
 
     ``stopping`` is set when the reactor begins to shut down, so that the
@@ -58,6 +60,7 @@ class Connections:
                  exempt: Callable[[Session], bool] = lambda session: False,
                  clock: IReactorTime | None = None) -> None:
         self.max_total = max_total
+        self.exempt_reserve = 0  # set by the service from its descriptor plan
         self.max_per_ip = max_per_ip
         self.exempt = exempt
         self.total = 0
@@ -71,7 +74,8 @@ class Connections:
         if self._clock is not None:
             self._watch(self._clock)
         ip = session.client_ip
-        if self.max_total and self.total >= self.max_total:
+        if self.max_total and self.total >= self.max_total and not (
+                self.total < self.max_total + self.exempt_reserve and self.exempt(session)):
             return R.TOO_MANY_CONNECTIONS
         if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip and not self.exempt(session):
             return R.TOO_MANY_FROM_IP

@@ -110,13 +110,19 @@ class Extensions:
             self._request(E.CheckCredentials(step))
 
     def _auth_result(self, who: str | None) -> None:
+        ctx = self.context
+        withheld = ctx.limits.at_auth(self.facts, ctx.exempt)
+        if withheld is not None:
+            # Parallel guesses from the address locked it out while this one
+            # was checked: its answer is withheld, so no more than
+            # SmtpMaxAuthFailuresPerIp guesses are ever answered per window.
+            return self._error(withheld.reply)
         if who:
             self.facts = replace(self.facts, authenticated=who)
             log.info("AUTH ok: {who} from {ip}", who=who, ip=self.facts.client_ip)
             return self._send(R.AUTH_OK)
         self.auth_failures += 1
         log.info("AUTH failed from {ip} ({n})", ip=self.facts.client_ip, n=self.auth_failures)
-        ctx = self.context
         mechanism, user = self._auth_attempt
         self._report("auth-failed", {"mechanism": mechanism, "user": user})  # never the password
         limited = ctx.limits.auth_failed(self.facts, ctx.config, ctx.exempt)
