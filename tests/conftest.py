@@ -37,10 +37,18 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float =
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def _limit_files(n: int) -> None:
+    """In the child: an open-file limit of C{n} that it cannot raise."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 class Twistd:
     """A real ``twistd -n mailguard`` process."""
 
-    def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None):
+    def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None,
+                 nofile: int | None = None):
         self.tmp = tmp
         self.port = smtp_port
         self.spool = tmp / "spool"
@@ -50,7 +58,8 @@ class Twistd:
         cmd = [TWISTD, "--logfile", str(self.logfile),
                "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool), *args]
         self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if nofile is None else lambda: _limit_files(nofile))
         try:
             wait_for_port("127.0.0.1", wait_port or smtp_port, self.proc)
         except RuntimeError:
@@ -89,14 +98,15 @@ def twistd(tmp_path):
     """Factory fixture: twistd(args..., config=...) starts a server."""
     started: list[Twistd] = []
 
-    def start(*args: str, config: str | Path | None = None, port: int | None = None) -> Twistd:
+    def start(*args: str, config: str | Path | None = None, port: int | None = None,
+              nofile: int | None = None) -> Twistd:
         port = port or free_port()
         full = list(args)
         if config is not None:
             full = ["--config", str(config), *full]
         if not any(a.startswith("--smtp=") or a == "--smtp" for a in full):
             full += ["--smtp", f"tcp:{port}:interface=127.0.0.1"]
-        server = Twistd(tmp_path, full, port)
+        server = Twistd(tmp_path, full, port, nofile=nofile)
         started.append(server)
         return server
 
