@@ -153,7 +153,9 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
         from C{config} (by L{mailguard.policy.build.load}); built here if
         not given (errors raise L{ConfigError})."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    context = build_context(config, opts, reactor, tables)
+    # The per-address budgets live as long as the process: a context built
+    # for a new configuration must be handed this same one.
+    context = build_context(config, opts, reactor, tables, limits=ClientLimits(reactor))
     top = service.MultiService()
     top.context = context  # for embedding applications and tests
     context.queue.setServiceParent(top)
