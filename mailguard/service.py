@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import resource
+from functools import partial
 from typing import Any, Mapping
 
-from twisted.application import internet, service
+from twisted.application import internet
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailguard.config.settings import Configuration
+from mailguard.config.settings import EMBEDDED_NAME, Configuration
+from mailguard.lifecycle import MailguardService
 from mailguard.store.durable import DirSyncer, disk_runner, run_in_thread
 from mailguard.store.maildir import MaildirStore
 from mailguard.smtpd.factory import MailguardFactory, ServerContext
@@ -30,7 +32,7 @@ from mailguard.gateway.build import build_gateway
 from mailguard.interfaces import IUserDirectory
 from mailguard.policy.budgets import (EXEMPT_SESSIONS, ClientLimits, DescriptorPlan, descriptor_plan,
                                      descriptor_reserve)
-from mailguard.policy.build import Tables, build_policies, build_tables
+from mailguard.policy.build import Tables, build_policies, build_tables, read_checked
 from mailguard.config.values import parse_host_port
 from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
@@ -56,9 +58,9 @@ DEFAULTS = {
 
 def fit_descriptors(config: Configuration) -> DescriptorPlan:
     """Holding thousands of connections needs file descriptors: raise the
-    open-file limit as far as ``SmtpMaxConnections`` needs and the hard
-    limit allows; if it cannot hold them, fewer connections, with one
-    warning (L{mailguard.policy.budgets.descriptor_plan})."""
+    open-file limit to the hard limit; if it cannot hold
+    ``SmtpMaxConnections`` sessions and the reserve, fewer connections,
+    with one warning (L{mailguard.policy.budgets.descriptor_plan})."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
@@ -146,20 +148,26 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
 
 
 def build_service(config: Configuration, options: Mapping[str, Any], reactor,
-                  tables: Tables | None = None) -> service.MultiService:
-    """The mailguard MultiService: one stream server per configured listener.
+                  tables: Tables | None = None) -> MailguardService:
+    """The mailguard service: one stream server per configured listener,
+    the relay queue, the gateway; it reloads and stops gracefully
+    (L{mailguard.lifecycle}).
 
     @param tables: the IP groups, directory and passwords already built
         from C{config} (by L{mailguard.policy.build.load}); built here if
-        not given (errors raise L{ConfigError})."""
+        not given (errors raise L{ConfigError}).
+    @param options: also where a reload reads from: C{config} (else
+        C{config.source}, unless that is the embedded example), C{users}."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    # The per-address budgets live as long as the process: a context built
-    # for a new configuration must be handed this same one.
+    # The per-address budgets live as long as the process: every generation
+    # a reload builds carries this one on (ServerContext.renewed).
     context = build_context(config, opts, reactor, tables, limits=ClientLimits(reactor))
-    top = service.MultiService()
-    top.context = context  # for embedding applications and tests
-    context.queue.setServiceParent(top)
     gateway = getattr(context.recipients, "gateway", None)
+    path = opts.get("config") or (None if config.source == EMBEDDED_NAME else config.source)
+    tls_files = (opts["tls-cert"], opts["tls-key"]) if opts["tls-cert"] else None
+    top = MailguardService(context, reactor, gateway=gateway, tls_files=tls_files, run=run_in_thread(reactor),
+                           read=partial(read_checked, path, opts.get("users"), relay_host=opts["relay-host"]))
+    context.queue.setServiceParent(top)
     if gateway is not None:  # stopping says QUIT to the back-end
         gateway.setServiceParent(top)
     for listener in ("smtp", "smtps", "submission"):
@@ -172,10 +180,12 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
         proxied = desc.startswith("haproxy:")
         inner = desc[len("haproxy:"):] if proxied else desc
         factory = MailguardFactory(context, listener)
+        top.factories.append(factory)  # a reload gives it the new context
         if listener == "smtps" and not inner.startswith("ssl:"):
             # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
-            # inside the plain-text PROXY header.
-            factory = TLSMemoryBIOFactory(context.tls, False, factory)
+            # inside the plain-text PROXY header; the certificate of the
+            # current generation (a reload loads it again).
+            factory = TLSMemoryBIOFactory(tls_mod.CurrentContext(lambda: top.context.tls), False, factory)
         if proxied:
             factory = ProxyHeaderFactory(factory, reactor)
         endpoint = GuardedEndpoint(endpoints.serverFromString(reactor, inner), reactor)
@@ -187,6 +197,7 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
         log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                  "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")
     plan = fit_descriptors(config)
+    context.connections.descriptor_cap = plan.fits
     context.connections.max_total = plan.max_connections
     context.connections.exempt_reserve = EXEMPT_SESSIONS
     return top

@@ -10,8 +10,8 @@ from twisted.logger import Logger
 from mailguard.config.problems import errors
 from mailguard.config.values import parse_host_port
 from mailguard.policy import build
-from mailguard.policy.checks import findings
 from mailguard.service import DEFAULTS, build_service
+from mailguard.signals import ProcessSignals
 
 log = Logger()
 
@@ -55,10 +55,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")
         # Errors refuse to start, one FILE:LINE line each; warnings (the
         # reading's and the rules') are logged once logging has begun.
-        config, tables, problems = build.read(self["config"], self["users"])
-        if config is not None and tables is not None:
-            problems = problems + findings(config, tables, relay_host=self["relay-host"],
-                                           startup=True)
+        config, tables, problems = build.read_checked(self["config"], self["users"],
+                                                      relay_host=self["relay-host"])
         if errors(problems) or config is None or tables is None:
             raise usage.UsageError("\n".join(str(p) for p in errors(problems)))
         self.config, self.tables = config, tables
@@ -77,4 +75,6 @@ def makeService(options: Options):
 
     for problem in getattr(options, "warnings", ()):
         log.warn("configuration: {problem}", problem=str(problem))
-    return build_service(options.config, dict(options), reactor, options.tables)
+    top = build_service(options.config, dict(options), reactor, options.tables)
+    ProcessSignals(top, reactor).setServiceParent(top)  # last: it says READY once all listen
+    return top

@@ -173,11 +173,12 @@ class ClientSession:
     """
 
     def __init__(self, context, client_ip: str = "127.0.0.3", client_port: int = 40000,
-                 listener: str = "smtp", transport_class=TLSStringTransport) -> None:
+                 listener: str = "smtp", transport_class=TLSStringTransport, factory=None) -> None:
         from mailguard.smtpd.factory import MailguardFactory
 
         self.context = context
-        self.factory = MailguardFactory(context, listener)
+        # A listener's own factory (a reload changes its context), or one for this session.
+        self.factory = factory if factory is not None else MailguardFactory(context, listener)
         address_type = IPv6Address if ":" in client_ip else IPv4Address
         self.transport = transport_class(peerAddress=address_type("TCP", client_ip, client_port),
                                          hostAddress=address_type("TCP", client_ip, 25))

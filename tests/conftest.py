@@ -48,18 +48,23 @@ class Twistd:
     """A real ``twistd -n mailguard`` process."""
 
     def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None,
-                 nofile: int | None = None):
+                 env: dict[str, str] | None = None, logfile: bool = True, nofile: int | None = None):
+        """C{env}: more environment variables; C{logfile=False}: twistd
+        logs to its standard output (kept in C{self.logfile} all the same);
+        C{nofile}: an open-file limit it cannot raise."""
         self.tmp = tmp
         self.port = smtp_port
         self.spool = tmp / "spool"
         self.logfile = tmp / "twistd.log"
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [TWISTD, "--logfile", str(self.logfile),
-               "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool), *args]
-        self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        log_args = ["--logfile", str(self.logfile)] if logfile else []
+        cmd = [TWISTD, *log_args, "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool), *args]
+        out = subprocess.PIPE if logfile else open(self.logfile, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      preexec_fn=None if nofile is None else lambda: _limit_files(nofile))
+        if not logfile:
+            out.close()
         try:
             wait_for_port("127.0.0.1", wait_port or smtp_port, self.proc)
         except RuntimeError:
@@ -98,15 +103,14 @@ def twistd(tmp_path):
     """Factory fixture: twistd(args..., config=...) starts a server."""
     started: list[Twistd] = []
 
-    def start(*args: str, config: str | Path | None = None, port: int | None = None,
-              nofile: int | None = None) -> Twistd:
+    def start(*args: str, config: str | Path | None = None, port: int | None = None, **kw) -> Twistd:
         port = port or free_port()
         full = list(args)
         if config is not None:
             full = ["--config", str(config), *full]
         if not any(a.startswith("--smtp=") or a == "--smtp" for a in full):
             full += ["--smtp", f"tcp:{port}:interface=127.0.0.1"]
-        server = Twistd(tmp_path, full, port, nofile=nofile)
+        server = Twistd(tmp_path, full, port, **kw)
         started.append(server)
         return server
 

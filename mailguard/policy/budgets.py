@@ -293,16 +293,17 @@ class DataDeadline:
 class DescriptorPlan:
     """What to do about the open-file limit at start-up.
 
-    @ivar soft: the soft limit to set (the current one if it need not or
-        cannot change).
+    @ivar soft: the soft limit to set (the current one if it cannot change).
     @ivar max_connections: the connection limit to use (``SmtpMaxConnections``,
         or fewer when the open-file limit cannot hold them).
     @ivar clamped: the configured limit was lowered (say so, once).
+    @ivar fits: the most sessions the limit holds (what a reload may use).
     """
 
     soft: int
     max_connections: int
     clamped: bool
+    fits: int
 
 
 # Descriptors a session may hold: its socket, and the file of the message
@@ -325,14 +326,12 @@ def descriptor_reserve(config) -> int:
 def descriptor_plan(soft: int, hard: int, max_connections: int, reserve: int) -> DescriptorPlan:
     """Fit ``SmtpMaxConnections`` sessions and C{reserve} other descriptors
     (listeners, logs, the queue's connections, sessions of exempt clients
-    past the limit) under the open-file limit: raise the soft limit as
-    far as needed and allowed (up to C{hard}), else lower the connection
-    limit to what fits.  C{max_connections} 0 (no limit) is planned as
-    the most that fits."""
-    wanted = (max_connections or 1 << 30) * PER_SESSION + reserve
-    target = min(wanted, hard) if hard > 0 else wanted
-    soft = max(soft, target)
+    past the limit) under the open-file limit: raise the soft limit to the
+    hard one (so that a reload may raise the connection limit too), and
+    lower the connection limit to what fits if it must.  C{max_connections}
+    0 (no limit) is planned as the most that fits."""
+    soft = max(soft, hard)
     fits = max(1, (soft - reserve) // PER_SESSION)
     if max_connections and max_connections <= fits:
-        return DescriptorPlan(soft, max_connections, False)
-    return DescriptorPlan(soft, fits, bool(max_connections))
+        return DescriptorPlan(soft, max_connections, False, fits)
+    return DescriptorPlan(soft, fits, bool(max_connections), fits)

@@ -75,6 +75,20 @@ def read(path: str | None = None, users_path: str | None = None
     return config, tables, problems
 
 
+def read_checked(path: str | None = None, users_path: str | None = None, *,
+                 relay_host: str | None = None) -> tuple[Configuration | None, Tables | None, list[Problem]]:
+    """What twistd reads at start-up and on every reload: L{read}, then
+    the rules of L{mailguard.policy.checks.findings} as start-up applies
+    them (it knows C{relay_host}, the ``--relay-host``).  An error in
+    either step is an error of the whole."""
+    from mailguard.policy.checks import findings
+
+    config, tables, problems = read(path, users_path)
+    if config is not None and tables is not None:
+        problems = problems + findings(config, tables, relay_host=relay_host, startup=True)
+    return config, tables, problems
+
+
 def load(path: str | None = None, users_path: str | None = None) -> tuple[Configuration, Tables]:
     """Like L{read}, but raise L{ConfigError} listing every error."""
     config, tables, problems = read(path, users_path)

@@ -11,7 +11,7 @@ it without importing the protocol.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from twisted.internet import defer
@@ -61,6 +61,7 @@ class Connections:
                  clock: IReactorTime | None = None) -> None:
         self.max_total = max_total
         self.exempt_reserve = 0  # set by the service from its descriptor plan
+        self.descriptor_cap = 0  # the most sessions the open-file limit holds; 0: not known
         self.max_per_ip = max_per_ip
         self.exempt = exempt
         self.total = 0
@@ -68,6 +69,7 @@ class Connections:
         self.sessions: set = set()
         self.stopping = False
         self._clock = clock
+        self._emptied: list[defer.Deferred] = []
 
     def open(self, key, session: Session) -> R.Reply | None:
         """Count the connection C{key} (its protocol), or the refusal."""
@@ -84,6 +86,12 @@ class Connections:
         self.sessions.add(key)
         return None
 
+    def fitted(self, wanted: int) -> int:
+        """``SmtpMaxConnections`` C{wanted}, within what the open-file limit
+        holds (a reload cannot raise it past that)."""
+        cap = self.descriptor_cap
+        return min(wanted or cap, cap) if cap else wanted
+
     def close(self, key, session: Session) -> None:
         if key not in self.sessions:
             return
@@ -93,6 +101,18 @@ class Connections:
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+        if not self.sessions and self._emptied:
+            waiters, self._emptied = self._emptied, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_empty(self) -> defer.Deferred:
+        """Fires once no connection is open (at once if none is)."""
+        if not self.sessions:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._emptied.append(d)
+        return d
 
     def stop(self) -> None:
         """The server is shutting down (a reactor "before shutdown" trigger)."""
@@ -138,6 +158,20 @@ class ServerContext:
                                            self._limit_exempt, self.clock)
         if self.limits is None:
             self.limits = ClientLimits(self.clock)
+
+    def renewed(self, config: Configuration, policies: Policies,
+                tls: CertificateOptions | None = None) -> "ServerContext":
+        """The next generation, for a configuration reload: the new
+        configuration and policies (and TLS context, if given), with the
+        long-lived pieces carried on -- the store, the queue, the security
+        log, the connection counters (under the new limits) and the
+        per-address budgets.  Sessions in
+        progress keep the generation they started with."""
+        new = replace(self, config=config, policies=policies, tls=self.tls if tls is None else tls)
+        counters = self.connections
+        counters.max_total, counters.max_per_ip = counters.fitted(config.max_connections), config.max_connections_per_ip
+        counters.exempt = new._limit_exempt
+        return new
 
     def _limit_exempt(self, session: Session) -> bool:
         return connection_limit_exempt(session, self.greeting, self.trust)

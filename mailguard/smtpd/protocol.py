@@ -86,6 +86,8 @@ class MailguardESMTP(Protocol):
         if limited is not None:
             return self._turn_away(limited.reply, limited.event, fields=limited.fields)
         refusal = ctx.connections.open(self, facts)
+        if refusal is None and ctx.connections.stopping:  # accepted as the listeners closed
+            return self._turn_away(R.SHUTTING_DOWN, None)
         if refusal is not None:
             event = "too-many-from-ip" if refusal is R.TOO_MANY_FROM_IP else "too-many-connections"
             return self._turn_away(refusal, event)
@@ -179,6 +181,21 @@ class MailguardESMTP(Protocol):
         if self.smtp is not None:
             self.smtp.connection_lost()
         ctx.connections.close(self, self.opened)
+
+    def shut_down(self, force: bool = False) -> bool:
+        """The server is stopping (L{mailguard.smtpd.drain}): a held client
+        is told ``421 4.3.2`` at once; a session decides for itself
+        (L{ServerSession.shut_down}).  True while the connection stays
+        open to finish a message."""
+        if self.closed:
+            return False
+        if self.smtp is None:
+            self._cancel("_hold")
+            self._turn_away(R.SHUTTING_DOWN, None)
+            return False
+        staying = self.smtp.shut_down(force)
+        self._run()
+        return staying
 
     def _cancel(self, name: str) -> None:
         call = getattr(self, name)

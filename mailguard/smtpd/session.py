@@ -72,7 +72,7 @@ class ServerSession(Extensions):
 
     __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
                  "commands", "_token", "_buffer", "_pos", "_events", "_out", "_out_size", "_pending", "_lines",
-                 "_data", "_data_failed", "_envelope", "_sasl", "_auth_attempt", "_rested")
+                 "_data", "_data_failed", "_envelope", "_sasl", "_auth_attempt", "_rested", "_stopping")
 
     def __init__(self, facts: Session, context: ServerContext,
                  token: Callable[[int], str] = secrets.token_hex) -> None:
@@ -92,6 +92,7 @@ class ServerSession(Extensions):
         self._data_failed: R.Reply | None = None
         self._envelope = None
         self._sasl = None
+        self._stopping = False
         self.errors = 0
         self.junk = 0
         self.vrfy_asked = 0
@@ -120,6 +121,9 @@ class ServerSession(Extensions):
                 return E.CLOSED if self.mode is CLOSED else E.PAUSED
             if self.mode is CLOSED:
                 return E.CLOSED
+            if self._stopping and self.mode is COMMAND:
+                self.close(R.SHUTTING_DOWN)  # the message in progress is answered: now go
+                continue
             if not (self._pos < len(self._buffer) and self._step()):
                 if not self._out:
                     return E.NEED_DATA
@@ -192,6 +196,26 @@ class ServerSession(Extensions):
         self._flush()
         self.mode = CLOSED
         self._events.append(E.Close())
+
+    def shut_down(self, force: bool = False) -> bool:
+        """The server is stopping: say ``421 4.3.2`` and close -- at once,
+        unless a message is on its way.  A message being received (DATA,
+        or its file being opened) may finish within the adapter's grace
+        period: its final dot is answered as ever (a ``250`` still means
+        fsynced), then the ``421``.  C{force} (the grace is over) cuts a
+        message short, discarded; never one being committed, whose answer
+        is the store's to give.  True while the session stays open."""
+        if self.mode is CLOSED:
+            return False
+        self._stopping = True
+        if isinstance(self._pending, E.CommitMessage):
+            return True
+        if not force and (self.mode is DATA or isinstance(self._pending, E.BeginMessage)):
+            return True
+        if self.mode is DATA:
+            self._events.append(E.AbortMessage())
+        self.close(R.SHUTTING_DOWN)
+        return False
 
     def connection_lost(self) -> None:
         self.mode = CLOSED

@@ -11,6 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
 
 class TLSConfigError(ValueError):
@@ -61,3 +63,19 @@ def _options(key, certs) -> ssl.CertificateOptions:
     )
     options.getContext()  # built lazily otherwise; checks the key matches
     return options
+
+
+@implementer(IOpenSSLContextFactory)
+class CurrentContext:
+    """The TLS context of the current generation, for implicit TLS
+    (C{--smtps} over a plain endpoint): Twisted asks for the context at
+    each connection, so a certificate loaded again by a reload is used
+    from the next connection on.
+
+    @param current: C{() -> CertificateOptions}."""
+
+    def __init__(self, current) -> None:
+        self._current = current
+
+    def getContext(self):
+        return self._current().getContext()

@@ -39,6 +39,7 @@ C{startService}) creates the directories and loads the queue.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from collections import deque
 from typing import Callable
 
@@ -98,10 +99,7 @@ class RelayQueue(service.Service):
         self.run = run
         self.relay_host = relay_host
         self.hostname = hostname
-        self.lifetime = float(lifetime)
-        self.retry_min = max(float(retry_min), 1.0)
-        self.retry_max = max(float(retry_max), self.retry_min)
-        self.concurrency = max(int(concurrency), 1)
+        self._set_limits(lifetime, retry_min, retry_max, concurrency)
         self.notices = notices if notices is not None else Notifier(hostname, clock)
         self.deliver = deliver
         self.tls = tls
@@ -120,6 +118,27 @@ class RelayQueue(service.Service):
         self._loaded = False
         self._pumping = False
         self._pump_again = False
+
+    def _set_limits(self, lifetime: float, retry_min: float, retry_max: float, concurrency: int) -> None:
+        self.lifetime = float(lifetime)
+        self.retry_min = max(float(retry_min), 1.0)
+        self.retry_max = max(float(retry_max), self.retry_min)
+        self.concurrency = max(int(concurrency), 1)
+
+    def reconfigure(self, *, hostname: str, lifetime: float, retry_min: float, retry_max: float,
+                    concurrency: int, router: Callable | None = None) -> None:
+        """A configuration reload: the new name (EHLO, DSNs), lifetime,
+        retry bounds and concurrency apply from the next attempt, and DSNs
+        are addressed with the new C{router}
+        (L{mailguard.store.notices.directory_router}); the entries, their
+        schedule and the connections open carry on."""
+        self.hostname = hostname
+        self._set_limits(lifetime, retry_min, retry_max, concurrency)
+        self._hop = replace(self._hop, identity=hostname)
+        self.notices.hostname = hostname
+        if router is not None:
+            self.notices.router = router
+        self._pump()  # a higher concurrency may start connections now
 
     @property
     def relay_name(self) -> str | None:

@@ -147,3 +147,22 @@ def test_warnings_are_logged_at_start_up(tmp_path):
     assert logged == [str(p) for p in opts.warnings]
     assert any('did you mean "SmtpGreetingDelay"?' in line for line in logged)
     assert any("SmtpGreetingDelay is 400 s" in line for line in logged)
+
+
+def test_make_service_reloads_with_the_start_up_rules_and_installs_the_signals(tmp_path):
+    from mailguard.lifecycle import MailguardService
+    from mailguard.signals import ProcessSignals
+    from mailguard.store.durable import run_inline
+
+    cfg = write_config(tmp_path / "mailserver.cfg")
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(cfg), "--spool", str(tmp_path / "spool"),
+                       "--smtp", "tcp:0:interface=127.0.0.1"])
+    top = tap.makeService(opts)
+    assert isinstance(top, MailguardService)
+    assert isinstance(list(top)[-1], ProcessSignals)  # last: it starts once the listeners have
+    top.run = run_inline
+    write_config(cfg, groups=[("Trusted", "0.0.0.0/0")])  # an open relay, refused as at start-up
+    result = top.reload().result
+    assert not result.ok
+    assert any("RelayControlOpenRelayIntended" in p.message for p in result.problems if p.is_error)

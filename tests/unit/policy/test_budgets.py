@@ -280,12 +280,12 @@ def test_with_no_minimum_rate_each_read_restarts_the_timer():
 
 
 @pytest.mark.parametrize("soft, hard, wanted, reserve, plan", [
-    (1024, 1 << 20, 10000, 300, DescriptorPlan(20300, 10000, False)),  # raised as far as needed
-    (1024, 4096, 10000, 300, DescriptorPlan(4096, 1898, True)),  # raised to the hard limit, clamped
-    (400, 400, 10000, 288, DescriptorPlan(400, 56, True)),  # cannot be raised: clamped
-    (65536, 65536, 100, 300, DescriptorPlan(65536, 100, False)),  # already enough: left alone
-    (1024, 1024, 0, 300, DescriptorPlan(1024, 362, False)),  # 0 (no limit): what fits
-    (100, 100, 10000, 300, DescriptorPlan(100, 1, True)),  # never 0 (that would be "no limit")
+    (1024, 1 << 20, 10000, 300, DescriptorPlan(1 << 20, 10000, False, 524138)),  # raised to the hard limit
+    (1024, 4096, 10000, 300, DescriptorPlan(4096, 1898, True, 1898)),  # raised, and still clamped
+    (400, 400, 10000, 288, DescriptorPlan(400, 56, True, 56)),  # cannot be raised: clamped
+    (65536, 65536, 100, 300, DescriptorPlan(65536, 100, False, 32618)),  # already enough: left alone
+    (1024, 1024, 0, 300, DescriptorPlan(1024, 362, False, 362)),  # 0 (no limit): what fits
+    (100, 100, 10000, 300, DescriptorPlan(100, 1, True, 1)),  # never 0 (that would be "no limit")
 ])
 def test_descriptor_plan(soft, hard, wanted, reserve, plan):
     assert descriptor_plan(soft, hard, wanted, reserve) == plan

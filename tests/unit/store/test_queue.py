@@ -18,6 +18,7 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from mailguard.config import settings as config_mod
+from mailguard.policy import build
 from mailguard.interfaces import IRelayIntake, IRelayQueue
 from tests.conftest import write_config
 from tests.unit.store.world import BODY, T0, World, parse_report
@@ -163,6 +164,37 @@ def test_concurrency_limit(tmp_path):
     w.queue.stopService()
 
 
+def test_a_reload_reconfigures_the_running_queue(tmp_path):
+    """RelayQueue.reconfigure (a configuration reload): the name in EHLO,
+    the concurrency and the DSN routing change; the entries carry on."""
+    from mailguard.store.notices import directory_router
+    from tests.conftest import USERS
+
+    w = World(tmp_path, concurrency=1)
+    w.queue.startService()
+    w.net.rcpt_replies["bad@remote.test"] = "550 5.1.1 unknown"
+    w.accept(sender="newbie@example.com", relay=("bad@remote.test",))
+    w.run()
+    assert w.net.verbs("EHLO") == ["EHLO mx.example.com"]
+    assert w.maildir("newbie@example.com") == []  # no such user yet: the DSN went nowhere
+    config, tables = build.load(str(write_config(tmp_path / "new.cfg", users=USERS + (
+        ("newbie", "example.com", "pw", True),))))
+    w.queue.reconfigure(hostname="new.example.com", lifetime=3600, retry_min=0, retry_max=10,
+                        concurrency=3, router=directory_router(tables.directory))
+    assert (w.queue.lifetime, w.queue.retry_min, w.queue.retry_max, w.queue.concurrency) == (3600, 1, 10, 3)
+    assert w.queue.notices.hostname == "new.example.com"
+    w.accept(sender="newbie@example.com", relay=("bad@remote.test",))
+    w.run()
+    assert w.net.verbs("EHLO")[-1] == "EHLO new.example.com"
+    [dsn] = w.maildir("newbie@example.com")
+    assert b"Reporting-MTA: dns; new.example.com" in dsn.read_bytes()
+    w.net.hang = True
+    for _ in range(5):
+        w.accept()
+    assert w.net.attempts == 2 + 3  # the two before, then three at once
+    w.queue.stopService()
+
+
 def test_no_relay_host_holds_then_bounces(tmp_path):
     w = World(tmp_path, relay_host=None, lifetime=1000)
     w.queue.startService()
@@ -193,6 +225,26 @@ def test_queue_survives_a_restart(world):
     assert tx.data == BODY
     assert world.active() == []
     assert mid not in world.queue.entries
+
+
+def test_a_delivery_in_flight_at_the_stop_is_left_intact_for_the_next_start(world):
+    """A graceful stop (mailguard.lifecycle) stops the queue after the
+    sessions: a delivery still talking to the relay host is cut off, and
+    its entry stays on disk as it was."""
+    world.net.silent.add("DATA")  # the relay host never answers DATA: the delivery hangs
+    mid = world.accept()
+    world.run()
+    assert world.net.verbs("DATA") and world.net.messages == []
+    env = Path(world.queue.disk.active) / f"{mid}.env"
+    before = env.read_bytes()
+    world.queue.stopService()
+    world.run()
+    assert env.read_bytes() == before  # no attempt recorded
+    world.net.silent.clear()
+    world.restart()
+    world.run()
+    [tx] = world.net.messages
+    assert tx.data == BODY and world.active() == []
 
 
 def test_recover_cleans_crash_leftovers(world):
