@@ -405,3 +405,24 @@ def test_auth_guesses_in_flight_when_the_lock_out_begins_get_no_answer(tmp_path)
     replies = [s.codes(s.take()) for s in sessions]
     assert replies == [["535 5.7.8"], ["535 5.7.8"], ["454 4.7.0"], ["454 4.7.0"], ["454 4.7.0"]]
     assert not any(s.proto.smtp.facts.authenticated for s in sessions)
+
+
+# --- a reload forgets nobody ---------------------------------------------------------------------
+
+
+def test_a_reload_keeps_the_per_address_budgets_and_the_descriptor_cap(tmp_path):
+    from tests.unit.test_lifecycle import World
+
+    world = World(tmp_path, {"SmtpMaxErrorsPerIp": "3"})
+    world.service.context.connections.descriptor_cap = 40  # what the open-file limit held at start
+    s = world.connect(ip=ATTACKER)
+    world.clock.advance(25)  # the greeting delay
+    s.take()
+    assert s.codes(s.send("BOGUS\r\nBOGUS\r\nBOGUS\r\n")) == ["500 5.5.2", "500 5.5.2", "421 4.7.0"]
+    limits = world.service.context.limits
+    world.write({"SmtpMaxErrorsPerIp": "5", "SmtpMaxConnections": "100000"})
+    assert world.reload().ok
+    assert world.service.context.limits is limits
+    assert world.service.context.connections.max_total == 40
+    again = world.connect(ip=ATTACKER)
+    assert again.codes(again.take()) == ["421 4.7.0"]  # still locked out
