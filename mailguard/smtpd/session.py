@@ -35,6 +35,7 @@ from mailguard.policy.rules import (Refusal, counts_as_error, ehlo_keywords, hel
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
+from mailguard.smtpd.budget import JUNK_COMMAND_LIMIT, ErrorBudget  # noqa: F401  (JUNK_COMMAND_LIMIT: as before)
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
 from mailguard.smtpd.extensions import Extensions
 from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN/ETRN before each counts as an error (Postfix smtpd_junk_command_limit)
 # Replies to a pipelined group held at most this long before they are
 # written: a client that pipelines megabytes gets its answers in batches,
 # so the adapter can stop reading while they wait to be sent.
@@ -58,9 +58,10 @@ _EMPTY = b""
 _HELLO_REPLIES: dict[tuple, bytes] = {}  # (hostname, EHLO keywords) -> the reply: a few per process
 
 
-class ServerSession(Extensions):
+class ServerSession(ErrorBudget, Extensions):
     """The server side of one SMTP session, from the greeting on: the
-    commands of RFC 5321 here, the service extensions' in L{Extensions}.
+    commands of RFC 5321 here, the service extensions' in L{Extensions},
+    the error budget in L{ErrorBudget}.
 
     @param facts: the session facts at the greeting.
     @param context: what every session shares (the configuration, the
@@ -260,45 +261,6 @@ class ServerSession(Extensions):
             self._error(refusal.reply)
         else:
             self._send(refusal.reply)
-
-    def _error(self, reply: R.Reply) -> None:
-        """A client error: answer it, and close after too many."""
-        if not self._count_error():
-            self._send(reply)
-
-    def _count_error(self) -> bool:
-        """One more client error; past ``SmtpMaxErrors``, or past the
-        address's ``SmtpMaxErrorsPerIp`` over its recent sessions, the
-        session is closed (True).  Past ``SmtpSoftErrorLimit`` each
-        command is read only after ``SmtpErrorSleepTime`` (L{_step})."""
-        self.errors += 1
-        ctx = self.context
-        limited = ctx.limits.error(self.facts, ctx.config, ctx.exempt)
-        if limited is not None:
-            self._report(limited.event, limited.fields)
-            self.close(limited.reply)
-            return True
-        if self.errors > ctx.config.max_errors:
-            self.close(R.TOO_MANY_ERRORS)
-            return True
-        return False
-
-    def _slowed(self) -> bool:
-        """Past ``SmtpSoftErrorLimit`` errors (without mail delivered since):
-        sleep before reading the next command (Postfix's
-        ``smtpd_error_sleep_time``)."""
-        config = self.context.config
-        return self.errors > config.soft_error_limit and config.error_sleep_time > 0
-
-    def _report(self, event: str, fields: dict) -> None:
-        """A line for the security log."""
-        self._events.append(E.SecurityEvent(event, fields))
-
-    def _junk_command(self) -> bool:
-        """NOOP, RSET, HELP, EXPN, ETRN: free up to L{JUNK_COMMAND_LIMIT} per
-        session, then each counts as an error.  True if that closed it."""
-        self.junk += 1
-        return self.junk > JUNK_COMMAND_LIMIT and self._count_error()
 
     # -- input ----------------------------------------------------------------------------
     def _step(self) -> bool:
