@@ -17,6 +17,7 @@ interleaved (the way to compare before and after a change:
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import statistics
 import tempfile
@@ -42,13 +43,16 @@ def run_once(server: Server, payload: bytes, commands: int) -> tuple[float, int]
     t0 = time.monotonic()
     sender = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
     sender.start()
-    seen, tail = 0, b""
+    seen, tail = 0, b"\n"  # the greeting ended with a line end
     while seen < commands:
         data = s.recv(1 << 20)
         if not data:
             raise RuntimeError(f"closed after {seen} replies")
-        seen += (tail + data).count(b"\r\n") - tail.count(b"\r\n")
-        tail = data[-1:]
+        # A reply's last line is "NNN text" at a line start (continuations are "NNN-").
+        chunk = tail + data
+        seen += len(re.findall(rb"\n\d{3} ", chunk))
+        tail = chunk[-4:] if b"\n" in chunk[-4:] else b""
+        tail = tail[tail.rfind(b"\n"):] if tail else b""
     elapsed = time.monotonic() - t0
     done.set()
     sender.join()
