@@ -126,8 +126,8 @@ class Extensions:
         mechanism, user = self._auth_attempt
         self._report("auth-failed", {"mechanism": mechanism, "user": user})  # never the password
         limited = ctx.limits.auth_failed(self.facts, ctx.config, ctx.exempt)
-        if limited is not None:
-            self._report(limited.event, limited.fields)
+        if limited is not None:  # this failure began a lock-out
+            self._report(limited.event, {**limited.fields, "mechanism": mechanism, "user": user})
         if self.auth_failures >= max(1, self.context.config.max_auth_failures):
             return self.close(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
         self._request(E.AuthFailureDelay(float(self.auth_failures)))  # 1 s, 2 s, ...

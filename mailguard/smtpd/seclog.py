@@ -31,7 +31,7 @@ The abuse budgets (L{mailguard.policy.budgets}) write the same first four
 columns, then ``name=value`` fields (L{format_fields})::
 
     2026-11-27T14:05:00Z<TAB>auth-failed<TAB>203.0.113.9<TAB>51234<TAB>mechanism=PLAIN<TAB>user=alice@example.com
-    2026-11-27T14:05:09Z<TAB>auth-lockout<TAB>203.0.113.9<TAB>51240<TAB>failures=20<TAB>window=600<TAB>locked=600
+    2026-11-27T14:05:09Z<TAB>auth-lockout<TAB>203.0.113.9<TAB>51240<TAB>failures=20<TAB>window=600<TAB>locked=600<TAB>mechanism=LOGIN<TAB>user=bob
     2026-11-27T14:06:00Z<TAB>error-limit<TAB>198.51.100.7<TAB>40022<TAB>errors=100<TAB>window=600<TAB>locked=600
     2026-11-27T14:06:30Z<TAB>connection-rate<TAB>198.51.100.7<TAB>40188<TAB>limit=30/min
 

@@ -125,7 +125,8 @@ def test_auth_brute_force_across_connections_is_locked_out(tmp_path):
     s = tls_session(ctx)
     out = s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))  # even the right one: not checked
     assert s.codes(out) == ["454 4.7.0"]
-    assert events(ctx, "auth-lockout")[0][2:] == [ATTACKER, "40000", "failures=3", "window=600", "locked=600"]
+    assert events(ctx, "auth-lockout")[0][2:] == [ATTACKER, "40000", "failures=3", "window=600", "locked=600",
+                                                  "mechanism=PLAIN", "user=john@example.com"]
     failed = events(ctx, "auth-failed")
     assert [f[2] for f in failed] == [ATTACKER] * 3
     assert all(f[4:] == ["mechanism=PLAIN", "user=john@example.com"] for f in failed)
