@@ -76,6 +76,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +349,42 @@ class Mailguard(ProcessServer):
     @property
     def maildir_new(self) -> Path:
         return self.dir / "spool" / "mail" / DOMAIN / "john" / "Maildir" / "new"
+
+
+class MailguardMetrics(Mailguard):
+    """mailguard with ``--metrics`` on (``--metrics``), scraped every second
+    while it runs -- Prometheus usually scrapes every 15 s -- against
+    "mailguard" without ``--metrics`` in the same run: what counting and
+    being scraped cost."""
+
+    name = "mailguard+metrics"
+
+    def command(self) -> list[str]:
+        self.metrics_port = free_port()
+        return super().command() + ["--metrics", f"tcp:{self.metrics_port}:interface=127.0.0.1"]
+
+    def start(self) -> None:
+        super().start()
+        self.scrapes = 0
+        self._stopping = threading.Event()
+        threading.Thread(target=self._scrape, daemon=True).start()
+
+    def _scrape(self) -> None:
+        import urllib.request
+
+        while not self._stopping.wait(1.0):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+                    if b"mailguard_messages_accepted_total" in r.read():
+                        self.scrapes += 1
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        if getattr(self, "_stopping", None) is not None:
+            self._stopping.set()
+            print(f"  {self.name}: {self.scrapes} scrapes of /metrics", file=sys.stderr)
+        super().stop()
 
 
 class Candidate(Mailguard):
@@ -970,6 +1007,9 @@ def main() -> int:
     ap.add_argument("--candidate", metavar="[NAME=]DIR", action="append", default=[],
                     help="also run mailguard from this checkout, as server NAME (default "
                          "'candidate'); repeatable (A/B of changes made in copies)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also run this mailguard with --metrics, scraped every second, as server "
+                         "'mailguard+metrics' (the cost of the metrics, in the same run)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--max-time", type=float, default=600.0, metavar="SECONDS",
                     help="stop starting new runs after this long and report what was measured")
@@ -1013,6 +1053,8 @@ def main() -> int:
         label = label if sep else ("candidate" if len(args.candidate) == 1 else f"cand{i + 1}")
         candidates[label] = Path(d).resolve()
     wanted[1 if "mailguard" in wanted else 0:0] = list(candidates)
+    if args.metrics:
+        wanted.insert(wanted.index("mailguard") + 1 if "mailguard" in wanted else 0, MailguardMetrics.name)
     atexit.register(_stop_all)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -1041,7 +1083,8 @@ def main() -> int:
             elif name == "postfix":
                 s = Postfix(tmp, postfix)
             else:
-                s = {"mailguard": Mailguard, "aiosmtpd": Aiosmtpd, "twisted": TwistedMail}[name](tmp)
+                s = {"mailguard": Mailguard, "aiosmtpd": Aiosmtpd, "twisted": TwistedMail,
+                     MailguardMetrics.name: MailguardMetrics}[name](tmp)
             s.start()
             servers[name] = s
             print(f"  started {name} on 127.0.0.1:{s.port} (pid {s.pid})", file=sys.stderr)

@@ -1,5 +1,5 @@
 import sys
 
-from mailguard.check import main
+from mailguard.cli import main
 
 sys.exit(main())

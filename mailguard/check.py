@@ -1,5 +1,5 @@
 """``python -m mailguard check FILE [--users FILE] [--strict]``: validate and
-summarise.
+summarise (the command line itself is L{mailguard.cli}).
 
 Errors and warnings go to stderr as ``FILE:LINE: message`` -- those of
 reading the files and those of the rules in ``mailguard.policy.checks``,
@@ -105,14 +105,16 @@ def summary(config: Configuration, tables: Tables) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailguard")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_command(sub: argparse._SubParsersAction) -> None:
+    """``check`` on the command line of L{mailguard.cli}."""
     check = sub.add_parser("check", help="validate a mailserver.cfg and print a summary")
     check.add_argument("file")
     check.add_argument("--users", default=None, help="users.cfg (default: beside FILE, if present)")
     check.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
-    args = parser.parse_args(argv)
+    check.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
     config, tables, problems = build.read(args.file, args.users)
     if config is not None and tables is not None:
         problems = problems + findings(config, tables)
@@ -129,3 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{warned} warning{'s' if warned > 1 else ''}: failing (--strict)", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``check`` alone, for callers of this module (the whole command
+    line, ``python -m mailguard``, is L{mailguard.cli.main})."""
+    parser = argparse.ArgumentParser(prog="python -m mailguard")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)

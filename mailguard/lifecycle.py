@@ -182,6 +182,7 @@ class MailguardService(service.MultiService):
         ctx = self.context
         if hasattr(ctx.security_log, "max_bytes"):
             ctx.security_log.max_bytes = config.security_log_max_bytes
+            ctx.security_log.generations = config.security_log_generations
         if hasattr(ctx.queue, "reconfigure"):
             ctx.queue.reconfigure(hostname=config.hostname, lifetime=config.queue_lifetime,
                                   retry_min=config.queue_retry_min, retry_max=config.queue_retry_max,

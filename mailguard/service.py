@@ -39,6 +39,7 @@ from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
 from mailguard.smtpd.accept import GuardedEndpoint
 from mailguard.smtpd.proxy import ProxyHeaderFactory
+from mailguard.store.control import ControlFactory, control_path
 from mailguard.smtpd.seclog import SecurityLog
 from mailguard.smtpd import tls as tls_mod
 
@@ -53,6 +54,7 @@ DEFAULTS = {
     "spool": "./mailguard-data",
     "security-log": None,
     "relay-host": None,
+    "metrics": None,
 }
 
 
@@ -114,7 +116,8 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor,
         clock=reactor,
         policies=policies,
         store=store,
-        security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes),
+        security_log=SecurityLog(seclog_path, reactor, config.security_log_max_bytes,
+                                 generations=config.security_log_generations),
         tls=tls,
         queue=queue,
         dsn=True,
@@ -145,6 +148,30 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
         tls=tls,
         tls_required=config.relay_tls_verify,
     )
+
+
+def _control(top: service.MultiService, reactor, queue: RelayQueue, spool: str) -> None:
+    """The queue's control socket, SPOOL/control (mailguard.store.control)."""
+    endpoint = endpoints.UNIXServerEndpoint(reactor, control_path(spool), mode=0o600, wantPID=True)
+    svc = internet.StreamServerEndpointService(endpoint, ControlFactory(queue))
+    svc._raiseSynchronously = True
+    svc.setName("control")
+    svc.setServiceParent(top)
+
+
+def _metrics(top: MailguardService, reactor, context: ServerContext, description: str) -> None:
+    """``--metrics ENDPOINT``: /metrics for Prometheus (mailguard.metrics)."""
+    from mailguard import metrics
+
+    collector = metrics.MailguardCollector(lambda: top.context, context.queue,
+                                           getattr(context.recipients, "gateway", None),
+                                           metrics.on_reactor_of(reactor))
+    site = metrics.metrics_site(reactor, metrics.registry_for(collector))
+    svc = internet.StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
+    svc._raiseSynchronously = True
+    svc.setName("metrics")
+    svc.setServiceParent(top)
+    top.metrics = collector
 
 
 def build_service(config: Configuration, options: Mapping[str, Any], reactor,
@@ -193,6 +220,9 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
         svc._raiseSynchronously = True
         svc.setName(listener)
         svc.setServiceParent(top)
+    _control(top, reactor, context.queue, opts["spool"])
+    if opts["metrics"]:
+        _metrics(top, reactor, context, opts["metrics"])
     if opts["submission"] and context.tls is None:
         log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                  "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")

@@ -10,8 +10,10 @@ from twisted.logger import Logger
 from mailguard.config.problems import errors
 from mailguard.config.values import parse_host_port
 from mailguard.policy import build
+from mailguard.logs import SyslogFacility
 from mailguard.service import DEFAULTS, build_service
 from mailguard.signals import ProcessSignals
+from mailguard.store.control import MAX_PATH, control_path
 
 log = Logger()
 
@@ -38,6 +40,8 @@ class Options(usage.Options):
         ["spool", None, DEFAULTS["spool"], "Directory for Maildirs, the relay queue and the security log."],
         ["security-log", None, None, "Security log file (default: SPOOL/security.log)."],
         ["relay-host", None, None, "HOST:PORT of the smart host / back-end that relayed and gateway mail goes to."],
+        ["metrics", None, None, "ENDPOINT serving Prometheus metrics at /metrics, e.g. tcp:9125:interface=127.0.0.1. "
+                                "Default: off."],
     ]
 
     def postOptions(self) -> None:
@@ -50,7 +54,10 @@ class Options(usage.Options):
                 parse_host_port(self["relay-host"])
             except ValueError as e:
                 raise usage.UsageError(f"--relay-host: {e}")
-        for name in ("smtp", "smtps", "submission"):
+        if len(control_path(self["spool"]).encode()) > MAX_PATH:
+            raise usage.UsageError(f"--spool: the path is too long for the queue's control socket "
+                                   f"{control_path(self['spool'])!r} (at most {MAX_PATH} bytes)")
+        for name in ("smtp", "smtps", "submission", "metrics"):
             if self[name] and ":" not in self[name]:
                 raise usage.UsageError(f"--{name} must be an endpoint description such as tcp:2525, got {self[name]!r}")
         # Errors refuse to start, one FILE:LINE line each; warnings (the
@@ -76,5 +83,9 @@ def makeService(options: Options):
     for problem in getattr(options, "warnings", ()):
         log.warn("configuration: {problem}", problem=str(problem))
     top = build_service(options.config, dict(options), reactor, options.tables)
+    twistd = getattr(options, "parent", None)
+    if twistd is not None and twistd.get("syslog"):
+        # twistd --syslog opens syslog as facility user, without the pid.
+        SyslogFacility(twistd.get("prefix") or "mailguard").setServiceParent(top)
     ProcessSignals(top, reactor).setServiceParent(top)  # last: it says READY once all listen
     return top

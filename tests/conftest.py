@@ -45,10 +45,13 @@ def _limit_files(n: int) -> None:
 
 
 class Twistd:
-    """A real ``twistd -n mailguard`` process."""
+    """A real ``twistd -n mailguard`` process.  C{twistd_args} go before
+    ``mailguard`` (``--logger ...``); C{stdout}: a file for its standard
+    output (a JSON log, say), instead of a pipe nobody reads."""
 
     def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None,
-                 env: dict[str, str] | None = None, logfile: bool = True, nofile: int | None = None):
+                 env: dict[str, str] | None = None, logfile: bool = True,
+                 twistd_args: tuple[str, ...] = (), stdout: Path | None = None, nofile: int | None = None):
         """C{env}: more environment variables; C{logfile=False}: twistd
         logs to its standard output (kept in C{self.logfile} all the same);
         C{nofile}: an open-file limit it cannot raise."""
@@ -59,11 +62,15 @@ class Twistd:
         env = {**os.environ, **(env or {})}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         log_args = ["--logfile", str(self.logfile)] if logfile else []
-        cmd = [TWISTD, *log_args, "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool), *args]
-        out = subprocess.PIPE if logfile else open(self.logfile, "wb")
+        cmd = [TWISTD, *log_args, *twistd_args, "--pidfile", "", "-n", "mailguard", "--spool", str(self.spool),
+               *args]
+        if stdout is not None:
+            out = open(stdout, "ab")
+        else:
+            out = subprocess.PIPE if logfile else open(self.logfile, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      preexec_fn=None if nofile is None else lambda: _limit_files(nofile))
-        if not logfile:
+        if out is not subprocess.PIPE:
             out.close()
         try:
             wait_for_port("127.0.0.1", wait_port or smtp_port, self.proc)

@@ -93,6 +93,7 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("SmtpVrfyLimit", "vrfy_limit", Number(0, 10_000), False),
     Scalar("SmtpMaxAuthFailures", "max_auth_failures", Number(0, 10_000), False),
     Scalar("SecurityLogMaxBytes", "security_log_max_bytes", Number(0, 2**40), False),
+    Scalar("SecurityLogGenerations", "security_log_generations", Number(0, 1000), False),
     Scalar("SmtpShutdownGrace", "shutdown_grace", Seconds(0, 3600), False),
     # abuse budgets (mailguard.policy.budgets; docs/abuse.md)
     Scalar("SmtpSoftErrorLimit", "soft_error_limit", Number(0, 10_000), False),
@@ -156,6 +157,7 @@ class Configuration:
     vrfy_limit: int = 20
     max_auth_failures: int = 5
     security_log_max_bytes: int = 10 * 1024 * 1024
+    security_log_generations: int = 5
     shutdown_grace: float = 30.0  # a message in DATA may finish this long after a stop
     soft_error_limit: int = 10
     error_sleep_time: float = 1.0

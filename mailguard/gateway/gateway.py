@@ -77,6 +77,7 @@ class Gateway(service.Service):
         self.hits = 0
         self.misses = 0
         self.shared = 0  # lookups that joined one already in flight
+        self.errors = 0  # lookups the back-end did not answer (the metrics read these counts)
 
     def handles(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.domains
@@ -105,6 +106,7 @@ class Gateway(service.Service):
     def _answered(self, result, key: str) -> None:
         waiters = self._inflight.pop(key, [])
         if isinstance(result, Failure):
+            self.errors += 1
             if not result.check(BackendUnavailable):
                 log.failure("gateway lookup of {address} failed", result, address=key)
             reason = f"back-end not answering: {result.getErrorMessage()}"

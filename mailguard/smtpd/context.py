@@ -34,6 +34,7 @@ from mailguard.policy.budgets import ClientLimits
 from mailguard.policy.build import Policies
 from mailguard.policy.rules import connection_limit_exempt
 from mailguard.policy.session import Session
+from mailguard.smtpd.stats import Stats
 
 __all__ = ["Connections", "ServerContext"]
 
@@ -148,6 +149,7 @@ class ServerContext:
     dsn: bool = False  # advertise and accept DSN parameters
     run_blocking: Callable[..., defer.Deferred] = _run_inline  # slow work (PBKDF2) off the reactor
     connections: Connections = field(default=None)  # type: ignore[assignment]
+    stats: Stats = field(default_factory=Stats)  # the counters the metrics read
     # Per-address budgets across connections: made once per process (give
     # the same one to the context a reload builds).
     limits: ClientLimits = field(default=None)  # type: ignore[assignment]

@@ -17,7 +17,7 @@ from mailguard import replies as R
 from mailguard.policy.addresses import parse_etrn_argument
 from mailguard.policy.rules import auth_mechanisms, etrn_refusal
 from mailguard.smtpd import events as E
-from mailguard.smtpd import sasl
+from mailguard.smtpd import sasl, sessionlog
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND
 
 log = Logger()
@@ -45,7 +45,7 @@ class Extensions:
         if discarded:
             # Plain text pipelined behind STARTTLS (the command injection
             # flaw, CVE-2011-0411 and its kin): never run it inside TLS.
-            log.warn("discarded {n} bytes pipelined after STARTTLS from {ip}",
+            log.warn("discarded {n} bytes pipelined after STARTTLS session={session} ip={ip}", session=self.sid,
                      n=discarded, ip=self.facts.client_ip)
         self._send(R.READY_TLS)
         self._events.append(E.StartTLS())
@@ -76,8 +76,8 @@ class Extensions:
         limited = ctx.limits.at_auth(self.facts, ctx.exempt)
         if limited is not None:  # locked out for failed AUTH: no password is checked
             return self._error(limited.reply)
-        self._auth_attempt = (mech, "")
         initial = initial.strip()
+        self._mech, self._auth_user = mech, None
         self._sasl = sasl.start(mech, hostname=self.context.hostname,
                                 now=self.context.clock.seconds(), token=self._token)
         self._auth_step(self._sasl.first(initial.encode("ascii", "replace") if initial else None))
@@ -91,7 +91,7 @@ class Extensions:
         try:
             step(arg)
         except Exception as e:
-            log.error("internal error in AUTH: {exc}", exc=type(e).__name__)
+            log.error("internal error in AUTH: {exc} session={session}", exc=type(e).__name__, session=self.sid)
             self._auth_internal_error()
 
     def _auth_step(self, step) -> None:
@@ -106,7 +106,7 @@ class Extensions:
         elif step is sasl.DENIED:
             self._auth_result(None)
         else:
-            self._auth_attempt = (self._auth_attempt[0], step.username)
+            self._auth_user = step.username
             self._request(E.CheckCredentials(step))
 
     def _auth_result(self, who: str | None) -> None:
@@ -117,17 +117,20 @@ class Extensions:
             # was checked: its answer is withheld, so no more than
             # SmtpMaxAuthFailuresPerIp guesses are ever answered per window.
             return self._error(withheld.reply)
+        stats = ctx.stats.auth
         if who:
             self.facts = replace(self.facts, authenticated=who)
-            log.info("AUTH ok: {who} from {ip}", who=who, ip=self.facts.client_ip)
+            stats["success"] += 1
+            sessionlog.auth(self.sid, self.facts, self._mech, "ok", who)
             return self._send(R.AUTH_OK)
         self.auth_failures += 1
-        log.info("AUTH failed from {ip} ({n})", ip=self.facts.client_ip, n=self.auth_failures)
-        mechanism, user = self._auth_attempt
-        self._report("auth-failed", {"mechanism": mechanism, "user": user})  # never the password
+        stats["failure"] += 1
+        sessionlog.auth(self.sid, self.facts, self._mech, "failed", self._auth_user, self.auth_failures)
+        fields = {"mechanism": self._mech or "", "user": self._auth_user or ""}  # never the password
+        self._report("auth-failed", fields)
         limited = ctx.limits.auth_failed(self.facts, ctx.config, ctx.exempt)
         if limited is not None:  # this failure began a lock-out
-            self._report(limited.event, {**limited.fields, "mechanism": mechanism, "user": user})
+            self._report(limited.event, {**limited.fields, **fields})
         if self.auth_failures >= max(1, self.context.config.max_auth_failures):
             return self.close(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
         self._request(E.AuthFailureDelay(float(self.auth_failures)))  # 1 s, 2 s, ...
@@ -135,6 +138,8 @@ class Extensions:
     def _auth_internal_error(self) -> None:
         """Answer 454 4.7.0 (RFC 4954 6); the cause was logged by type only."""
         self._sasl = None
+        self.context.stats.auth["error"] += 1
+        sessionlog.auth(self.sid, self.facts, self._mech, "error", self._auth_user)
         if self.mode is not CLOSED:
             self.mode = COMMAND
             self._send(R.AUTH_TEMPORARY)

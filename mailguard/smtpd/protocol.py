@@ -18,8 +18,9 @@ trickles a command line or a message one byte at a time is cut off with
 
 A connection held in the greeting delay is the cheap case thousands of
 times over: it has no state machine yet (one is made when the greeting is
-sent), only its facts and one delayed call; everything else is an
-immutable class default until it changes.
+sent), only its facts, its session id, when it connected and one
+delayed call; everything else is an immutable class default until it
+changes.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from mailguard import replies as R
 from mailguard.policy.budgets import DataDeadline
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
+from mailguard.smtpd import sessionlog
 from mailguard.smtpd.events import CLOSED, DATA
 from mailguard.smtpd.flow import ReadGate
 from mailguard.smtpd.session import ServerSession
 from mailguard.smtpd.sasl import CramMD5Credentials
+from mailguard.store.envelope import queue_id
 
 log = Logger()
 
@@ -50,12 +53,15 @@ class MailguardESMTP(Protocol):
     """One SMTP connection.  Made by L{mailguard.smtpd.factory.MailguardFactory}."""
 
     # Immutable defaults: while held, the instance dict holds only the
-    # factory, the transport, the facts and the hold.
+    # factory, the transport, the facts, the session id, the connect time
+    # and the hold.
     smtp: ServerSession | None = None  # made when the greeting is sent
     opened: Session | None = None  # the facts at connect (IP, port, listener never change)
     closed = False
+    sid = ""  # the session id of every log line (mailguard.smtpd.sessionlog)
     _hold = None
-    _held_since = 0.0
+    _connected_at = 0.0
+    _outcome = "greeted"  # for the log and metrics: greeted, early-talker, gave-up, limit
     _was_held = False
     _idle = None
     _session_timer = None
@@ -64,7 +70,7 @@ class MailguardESMTP(Protocol):
     _running = False
     _gate: ReadGate | None = None  # pauses reading while input or output waits
     _deadline: DataDeadline | None = None  # when _idle fires, while a message arrives
-    _commands = 0  # the session's progress when _idle last started
+    _progress = 0  # the session's progress when _idle last started
     _normal_read_size = None  # the transport's recv size, while a large DATA reads more
 
     def __init__(self, factory) -> None:
@@ -82,22 +88,29 @@ class MailguardESMTP(Protocol):
         listener = self.factory.listener
         self.opened = facts = Session(getattr(peer, "host", ""), getattr(peer, "port", 0), listener,
                                       tls=listener == "smtps")
+        self.sid = sessionlog.new_session_id()
+        self._connected_at = ctx.clock.seconds()
         limited = ctx.limits.at_connect(facts, ctx.config, ctx.exempt)
         if limited is not None:
             return self._turn_away(limited.reply, limited.event, fields=limited.fields)
         refusal = ctx.connections.open(self, facts)
         if refusal is None and ctx.connections.stopping:  # accepted as the listeners closed
+            sessionlog.connect(self.sid, facts, None)
+            self._outcome = "shutdown"
             return self._turn_away(R.SHUTTING_DOWN, None)
         if refusal is not None:
+            sessionlog.connect(self.sid, facts, None)
+            ctx.stats.connections["limit"] += 1
+            self._outcome = "limit"
             event = "too-many-from-ip" if refusal is R.TOO_MANY_FROM_IP else "too-many-connections"
             return self._turn_away(refusal, event)
         decision = ctx.greeting.decide(facts)
+        sessionlog.connect(self.sid, facts, decision)
         if decision.delay > 0:
             # Held: one delayed call, nothing read into a session; any byte
             # before it fires is an early talker.  The teaser sends the
             # first line of a multi-line 220 now, so a bot that reacts to
             # it talks before the last line.
-            self._held_since = ctx.clock.seconds()
             if decision.teaser:
                 self.transport.write(b"220-" + ctx.hostname.encode("ascii") + b" ESMTP\r\n")
             self._hold = ctx.clock.callLater(decision.delay, self._release)
@@ -113,7 +126,8 @@ class MailguardESMTP(Protocol):
 
     def _greet(self) -> None:
         ctx = self.factory.context
-        self.smtp = ServerSession(self.opened, ctx)
+        ctx.stats.connections["greeted"] += 1
+        self.smtp = ServerSession(self.opened, ctx, sid=self.sid)
         self._gate = ReadGate(self.transport, self._run)
         self.smtp.greet()
         self._run()
@@ -146,8 +160,10 @@ class MailguardESMTP(Protocol):
     def _early_talker(self, data: bytes) -> None:
         ctx = self.factory.context
         self._cancel("_hold")
+        ctx.stats.connections["early_talker"] += 1
+        self._outcome = "early-talker"
         self._turn_away(R.EARLY_TALKER, "early-talker" if ctx.config.greeting_delay_log else None,
-                        ctx.clock.seconds() - self._held_since, data)
+                        ctx.clock.seconds() - self._connected_at, data)
 
     def _turn_away(self, reply: R.Reply, event: str | None, waited: float = 0.0, data: bytes = b"",
                    fields: dict | None = None) -> None:
@@ -156,12 +172,14 @@ class MailguardESMTP(Protocol):
         reply, the close.  Every refusal before the greeting passes here;
         after it, the session says all."""
         self.closed = True
+        ctx, facts = self.factory.context, self.opened
         if event is not None:
-            facts, seclog = self.opened, self.factory.context.security_log
             if fields is not None:
-                seclog.note(event, facts.client_ip, facts.client_port, **fields)
+                ctx.security_log.note(event, facts.client_ip, facts.client_port, **fields)
             else:
-                seclog.record(event, facts.client_ip, facts.client_port, waited, data)
+                ctx.security_log.record(event, facts.client_ip, facts.client_port, waited, data)
+        ctx.stats.refused("CONNECT", reply.code, reply.status)
+        sessionlog.reject(self.sid, facts, "CONNECT", reply, detail=f"waited {waited:.2f} s" if waited else None)
         self.transport.write(reply.to_bytes())
         self.transport.loseConnection()
 
@@ -171,15 +189,23 @@ class MailguardESMTP(Protocol):
             # Closed while held: the client gave up waiting -- unless the
             # server itself is shutting down and closing everything.
             self._cancel("_hold")
-            if not self.closed and ctx.config.greeting_delay_log and not ctx.connections.stopping:
-                ctx.security_log.record("gave-up", self.opened.client_ip, self.opened.client_port,
-                                        ctx.clock.seconds() - self._held_since, b"")
+            if not self.closed:
+                stopping = ctx.connections.stopping
+                self._outcome = "shutdown" if stopping else "gave-up"
+                if not stopping:
+                    ctx.stats.connections["gave_up"] += 1
+                if ctx.config.greeting_delay_log and not stopping:
+                    ctx.security_log.record("gave-up", self.opened.client_ip, self.opened.client_port,
+                                            ctx.clock.seconds() - self._connected_at, b"")
         for name in ("_idle", "_session_timer", "_auth_delay"):
             self._cancel(name)
         self._abort_message()
         self.closed = True
         if self.smtp is not None:
             self.smtp.connection_lost()
+        if self.opened is not None:
+            sessionlog.disconnect(self.sid, self.opened, ctx.clock.seconds() - self._connected_at, self._outcome,
+                                  self.smtp)
         ctx.connections.close(self, self.opened)
 
     def shut_down(self, force: bool = False) -> bool:
@@ -191,6 +217,7 @@ class MailguardESMTP(Protocol):
             return False
         if self.smtp is None:
             self._cancel("_hold")
+            self._outcome = "shutdown"
             self._turn_away(R.SHUTTING_DOWN, None)
             return False
         staying = self.smtp.shut_down(force)
@@ -205,7 +232,7 @@ class MailguardESMTP(Protocol):
 
     def _timeout(self, timer: str, reply: R.Reply) -> None:
         setattr(self, timer, None)
-        self.smtp.close(reply)
+        self.smtp.close(reply, "timeout")
         self._run()
 
     # -- the state machine's events ------------------------------------------------------------
@@ -238,9 +265,9 @@ class MailguardESMTP(Protocol):
             self._normal_read_size = None
         if self.closed:
             return
-        if smtp.commands != self._commands and self._idle is not None and self._idle.active():
+        if smtp.progress != self._progress and self._idle is not None and self._idle.active():
             # A whole command (or message) was read: the deadline starts again.
-            self._commands = smtp.commands
+            self._progress = smtp.progress
             self._idle.reset(smtp.context.config.idle_timeout)
             self._deadline.start(smtp.context.clock.seconds())
         if smtp.buffered > INPUT_HOLD_MAX:
@@ -291,7 +318,7 @@ class MailguardESMTP(Protocol):
         """Hand C{d}'s result to the session."""
         def failed(failure):
             if not logged:
-                log.failure("internal error in {what}", failure, what=what)
+                log.failure("internal error in {what} session={session}", failure, what=what, session=self.sid)
             self._failed()
 
         d.addCallbacks(self._answered, failed)
@@ -303,7 +330,7 @@ class MailguardESMTP(Protocol):
         try:
             self.smtp.answer(result)
         except Exception:
-            log.failure("internal error taking a result")
+            log.failure("internal error taking a result session={session}", session=self.sid)
             self.smtp.failed()
         self._run()
 
@@ -317,7 +344,7 @@ class MailguardESMTP(Protocol):
             self._message = self.smtp.context.store.begin(event.envelope)
             self._message.write(event.header)
         except OSError:
-            log.failure("cannot open message file")
+            log.failure("cannot open message file session={session}", session=self.sid)
             self._abort_message()
             self.smtp.failed()
         else:
@@ -327,7 +354,7 @@ class MailguardESMTP(Protocol):
         try:
             self._message.write(data)
         except OSError:
-            log.failure("cannot write message")
+            log.failure("cannot write message session={session}", session=self.sid)
             self.smtp.message_failed()
             return
         if self._normal_read_size is None and self.smtp.message_size > BIG_READ_AFTER:
@@ -347,14 +374,17 @@ class MailguardESMTP(Protocol):
         ctx = self.smtp.context
         message, self._message = self._message, None
         facts = self.smtp.facts
+        dot = ctx.clock.seconds()
 
         def stored(result):
+            ctx.stats.commit_seconds.observe(ctx.clock.seconds() - dot)
             if self._was_held:  # it waited out the delay (pass cache)
                 ctx.greeting.passed(facts)
             self._answered(result)
 
         def failed(failure):
-            log.failure("cannot store message {id}", failure, id=event.envelope.message_id)
+            log.failure("cannot store message queue={queue} session={session}", failure,
+                        queue=queue_id(event.envelope.message_id), session=self.sid)
             message.abort()
             self._failed()
 
@@ -380,7 +410,8 @@ class MailguardESMTP(Protocol):
             return d.addCallback(lambda who: who if ok else None)
 
         def typed(failure):
-            log.error("internal error in AUTH: {exc}", exc=failure.type.__name__)
+            log.error("internal error in AUTH: {exc} session={session}", exc=failure.type.__name__,
+                      session=self.sid)
             return failure
 
         self._wait(defer.maybeDeferred(check).addErrback(typed), "AUTH", logged=True)

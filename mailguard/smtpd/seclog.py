@@ -4,16 +4,22 @@ Kerio writes recognised spam attacks to its Security log, and warns that a
 busy server can overflow it.  So this log is bounded on disk and in memory:
 
 - **Rotation by size.**  Before a batch would take the file past
-  C{max_bytes} (``SecurityLogMaxBytes``, default 10 MiB), the file is
-  renamed to ``FILE.1`` (replacing the previous one) and a new file is
-  started: at most about 2 x C{max_bytes} on disk.  C{max_bytes=0} turns
-  rotation off (the file then grows without bound: leave it to logrotate).
+  C{max_bytes} (``SecurityLogMaxBytes``, default 10 MiB), ``FILE.1`` ...
+  become ``FILE.2`` ... (the oldest, ``FILE.N``, is dropped), the file
+  becomes ``FILE.1`` and a new file is started: C{generations}
+  (``SecurityLogGenerations``, default 5) old files are kept, at most
+  about (N + 1) x C{max_bytes} on disk.  An attack that fills one file
+  in minutes must not push the evidence of the one before out at once.
+  C{max_bytes=0} turns rotation off (the file then grows without bound:
+  leave it to logrotate).
 - **Never blocks the reactor.**  C{record} only formats a line and appends
   it to a list; the lines are written in batches from the reactor's thread
   pool (C{threaded=True}), one batch at a time.
 - **Bounded queue.**  Past C{max_pending} queued lines (a flood while the
   disk is slow), further events are counted, not queued, and the next
-  batch ends with one ``dropped`` line giving the count.
+  batch ends with one ``dropped`` line giving the count; the same count
+  goes to the twistd log (a warning) and to the metrics, so a loss is
+  never silent.
 - **Nothing lost at a clean shutdown.**  With a real reactor, queued lines
   are written before the reactor stops (a "before shutdown" trigger).
 
@@ -86,10 +92,12 @@ def format_note(when: float, event: str, host: str, port: int, fields: dict) -> 
 @implementer(ISecurityLog)
 class SecurityLog:
     def __init__(self, path: str, reactor, max_bytes: int = 10 * 1024 * 1024,
-                 max_pending: int = 10000, threaded: bool = True) -> None:
+                 max_pending: int = 10000, threaded: bool = True, generations: int = 5) -> None:
         self.path = path
         self.reactor = reactor
         self.max_bytes = max_bytes
+        self.generations = generations
+        self.dropped = 0  # lines counted, not written, since the start (metrics)
         self.max_pending = max_pending
         self.threaded = threaded
         self._pending: list[str] = []
@@ -110,6 +118,7 @@ class SecurityLog:
     def _queue(self, line: str) -> None:
         if len(self._pending) >= self.max_pending:
             self._dropped += 1
+            self.dropped += 1
         else:
             self._pending.append(line)
         # Not echoed to the twistd log: under attack that would be one line
@@ -137,6 +146,7 @@ class SecurityLog:
         if self._dropped:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.reactor.seconds()))
             lines.append(f"{stamp}\tdropped\t-\t-\tcount={self._dropped}\n")
+            log.warn("security-log-dropped count={count} file={file}", count=self._dropped, file=self.path)
             self._dropped = 0
         return lines
 
@@ -175,7 +185,7 @@ class SecurityLog:
         except OSError:
             size = 0
         if self.max_bytes and size and size + len(data) > self.max_bytes:
-            os.replace(self.path, self.path + ".1")
+            self._rotate()
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
@@ -183,3 +193,17 @@ class SecurityLog:
         finally:
             os.close(fd)
         self.written += len(lines)
+
+    def _rotate(self) -> None:
+        """FILE.(N-1) -> FILE.N ... FILE -> FILE.1 (N = C{generations};
+        0: the full file is simply removed)."""
+        path, n = self.path, self.generations
+        if n <= 0:
+            os.unlink(path)
+            return
+        for i in range(n - 1, 0, -1):
+            try:
+                os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+            except FileNotFoundError:
+                pass
+        os.replace(path, path + ".1")

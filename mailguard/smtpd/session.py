@@ -35,6 +35,7 @@ from mailguard.policy.rules import (Refusal, counts_as_error, ehlo_keywords, hel
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
+from mailguard.smtpd import sessionlog
 from mailguard.smtpd.budget import JUNK_COMMAND_LIMIT, ErrorBudget  # noqa: F401  (JUNK_COMMAND_LIMIT: as before)
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
 from mailguard.smtpd.extensions import Extensions
@@ -69,15 +70,19 @@ class ServerSession(ErrorBudget, Extensions):
         L{mailguard.smtpd.context.ServerContext}.  Only plain decisions are
         made with it here; everything that waits is a request.
     @param token: randomness for the CRAM-MD5 nonce.
+    @param sid: the session id every log line of the session carries
+        (L{mailguard.smtpd.sessionlog}).
     """
 
     __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
-                 "commands", "_token", "_buffer", "_pos", "_events", "_out", "_out_size", "_pending", "_lines",
-                 "_data", "_data_failed", "_envelope", "_sasl", "_auth_attempt", "_rested", "_stopping")
+                 "_token", "_buffer", "_pos", "_events", "_out", "_out_size", "_pending", "_lines", "_data",
+                 "_data_failed", "_envelope", "_sasl", "_stopping", "sid", "commands", "refusals", "messages",
+                 "_verb", "_rcpt", "_detail", "_mech", "_auth_user", "_size", "progress", "_rested")
 
     def __init__(self, facts: Session, context: ServerContext,
-                 token: Callable[[int], str] = secrets.token_hex) -> None:
+                 token: Callable[[int], str] = secrets.token_hex, sid: str = "") -> None:
         self.facts = facts
+        self.sid = sid
         self.context = context
         self.mode = COMMAND
         self.transaction: Transaction | None = None
@@ -98,8 +103,9 @@ class ServerSession(ErrorBudget, Extensions):
         self.junk = 0
         self.vrfy_asked = 0
         self.auth_failures = 0
-        self.commands = 0  # command lines, AUTH responses and messages read: progress
-        self._auth_attempt: tuple[str, str] = ("", "")  # mechanism, user name
+        self.commands = self.refusals = self.messages = self._size = 0
+        self._verb = self._rcpt = self._detail = self._mech = self._auth_user = None
+        self.progress = 0  # command lines, AUTH responses and messages read (the deadline's restarts)
         self._rested = False  # the error sleep before the next command is done
 
     # -- the h11-style surface ----------------------------------------------------------
@@ -187,14 +193,17 @@ class ServerSession(ErrorBudget, Extensions):
         if self.mode is DATA:
             self._data_fail(R.STORAGE_ERROR)
 
-    def close(self, reply: R.Reply) -> None:
+    def close(self, reply: R.Reply, cause: str | None = None) -> None:
         """Say C{reply} after the replies held, then close (a timeout, or
-        too many errors).  Nothing more is read."""
+        too many errors).  Nothing more is read.  C{cause}: what the log
+        names as the command answered, when it is not the last command
+        (``timeout``)."""
         if self.mode is CLOSED:
             return
+        if cause is not None:
+            self._verb = cause
         self._discard_input()
-        self._out.append(reply.to_bytes())
-        self._flush()
+        self._send(reply)
         self.mode = CLOSED
         self._events.append(E.Close())
 
@@ -252,6 +261,16 @@ class ServerSession(ErrorBudget, Extensions):
             self._out = []
             self._out_size = 0
 
+    def _refused(self, reply: R.Reply) -> None:
+        """Every 4xx/5xx sent: one log line and the counters."""
+        self.refusals += 1
+        verb, transaction = self._verb, self.transaction
+        self.context.stats.refused(verb or "-", reply.code, reply.status)
+        sessionlog.reject(self.sid, self.facts, verb, reply,
+                          sender=transaction.mail_from if transaction is not None else None,
+                          rcpt=self._rcpt if verb == "RCPT" else None, detail=self._detail)
+        self._detail = None
+
     def _request(self, request: E.Request) -> None:
         self._pending = request
         self._events.append(request)
@@ -281,7 +300,7 @@ class ServerSession(ErrorBudget, Extensions):
         line, self._pos = self._lines.read_at(self._buffer, self._pos, self.mode is AUTH)
         if line is None:
             return False
-        self.commands += 1
+        self.progress += 1
         self._rested = False
         if line is F.LINE_TOO_LONG:
             if self.mode is AUTH:  # RFC 4954 4: the exchange is cancelled
@@ -300,8 +319,11 @@ class ServerSession(ErrorBudget, Extensions):
             name = verb.decode("ascii").upper()
         except UnicodeDecodeError:
             name = ""
+        self.commands += 1
         if name not in _COMMANDS:
+            self._verb = "UNKNOWN"
             return self._error(R.UNKNOWN_COMMAND)
+        self._verb = name
         try:
             arg = rest.strip().decode("utf-8")
         except UnicodeDecodeError:
@@ -311,7 +333,7 @@ class ServerSession(ErrorBudget, Extensions):
         try:
             getattr(self, "smtp_" + name)(arg)
         except Exception:
-            log.failure("error handling {verb}", verb=name)
+            log.failure("error handling {verb} session={session}", verb=name, session=self.sid)
             self._send(R.LOCAL_ERROR)
 
     # -- session commands -----------------------------------------------------------------
@@ -420,6 +442,7 @@ class ServerSession(ErrorBudget, Extensions):
             mailbox, params = parse_rcpt_to(arg, postmaster_domain=domains[0].name if domains else None)
         except AddressError as e:
             return self._error(e.reply)
+        self._rcpt = mailbox.address
         refusal = rcpt_parameters(params, dsn=check_rcpt_parameter if self.context.dsn else None)
         if refusal is not None:
             return self._refuse(refusal)
@@ -438,8 +461,7 @@ class ServerSession(ErrorBudget, Extensions):
             if self.transaction is not None:
                 self.transaction.recipients.append((verdict, request.params))
         else:
-            log.info("RCPT refused: {ip} <{rcpt}>: {reason}", ip=self.facts.client_ip,
-                     rcpt=request.mailbox.address, reason=verdict.reason)
+            self._detail = verdict.reason
             if counts_as_error(verdict.reply):  # harvesting: unknown users, relay attempts
                 return self._error(verdict.reply)
         self._send(verdict.reply)
@@ -468,13 +490,13 @@ class ServerSession(ErrorBudget, Extensions):
         if type(event) is bytes:
             return self._events.append(E.WriteMessage(event))
         if event is F.END_OF_DATA:
-            self.commands += 1
+            self.progress += 1
             return self._data_end()
         if event is F.BARE_LINE_ENDING:
             # SMTP smuggling defence (Postfix smtpd_forbid_bare_newline): a
             # bare CR or LF in DATA is refused and the session closed, so
-            # nothing after it is read as commands or as the end of DATA.
-            log.info("bare CR/LF in DATA from {ip}: refused, closing", ip=self.facts.client_ip)
+            # nothing after it is read as commands or as the end of DATA
+            # (the reject line says so).
             self._events.append(E.AbortMessage())
             return self.close(R.BARE_LINE_ENDING)
         self._data_fail(_DATA_FAILURES[event])
@@ -489,18 +511,24 @@ class ServerSession(ErrorBudget, Extensions):
     def _data_end(self) -> None:
         failed, envelope = self._data_failed, self._envelope
         self.mode = COMMAND
+        self._size = self._data.size
         self._data = self._data_failed = self._envelope = None
-        self.transaction = None
         if failed is not None:
-            return self._send(failed)
+            self._send(failed)  # logged with the transaction's sender
+            self.transaction = None
+            return
+        self.transaction = None
         self._request(E.CommitMessage(envelope))
 
     def _stored(self, envelope) -> None:
-        log.info("accepted {id} from <{sender}> ({ip}) to {rcpts}", id=envelope.message_id,
-                 sender=envelope.mail_from, ip=envelope.client_ip,
-                 rcpts=list(envelope.mailboxes + envelope.relay_recipients))
+        queued = envelope.message_id.split(".")[1]
+        size = self._size
+        self.messages += 1
+        stats = self.context.stats
+        stats.messages_accepted += 1
+        stats.bytes_accepted += size
+        sessionlog.accepted(self.sid, self.facts, queued, envelope, size)
         # The store has handed relayed recipients to the queue, which tries
         # them at once (no kick: that would end every entry's back-off too).
-        queued = envelope.message_id.split(".")[1]
         self.errors = self.junk = 0  # as Postfix: the limits count errors "without delivering mail"
         self._send(R.MESSAGE_ACCEPTED.with_text(f"Ok: queued as {queued}"))

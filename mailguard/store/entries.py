@@ -26,6 +26,7 @@ __all__ = [
     "Recipient",
     "backoff",
     "classify",
+    "domain_matcher",
 ]
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
@@ -61,6 +62,7 @@ class QueueEntry:
     attempts: int = 0
     next_attempt: float = 0.0
     last_attempt: float | None = None
+    held: bool = False  # put on hold (``queue hold``): never tried until released
     # Runtime state, not stored.
     in_flight: bool = field(default=False, repr=False)
     queued: bool = field(default=False, repr=False)
@@ -124,6 +126,7 @@ class Outcome:
     data: tuple[int, str] | None = None  # the reply to the end of DATA
     dsn: bool = False  # the next hop took our DSN parameters
     remote: str | None = None
+    missing: bool = False  # the message file is gone (removed from the spool)
 
 
 def _status_of(code: int, text: str) -> str:
@@ -155,6 +158,20 @@ def classify(outcome: Outcome, address: str) -> tuple[str, str, str]:
             return SENT, _status_of(code, text), _smtp_diag(code, text)
         return (FAILED if code >= 500 else PENDING), _status_of(code, text), _smtp_diag(code, text)
     return PENDING, "4.4.1", f"X-mailguard; {outcome.error or 'delivery not completed'}"
+
+
+def domain_matcher(domain: str | None):
+    """A test on a recipient's domain, for ETRN and ``queue flush``:
+    C{domain} ("@domain": that domain and its subdomains; None or empty:
+    every domain)."""
+    subdomains = False
+    if domain:
+        domain = domain.lower().rstrip(".")
+        if domain.startswith("@"):
+            subdomains, domain = True, domain[1:]
+    if not domain:
+        return lambda d: True
+    return lambda d: d == domain or (subdomains and d.endswith("." + domain))
 
 
 def backoff(attempts: int, retry_min: float, retry_max: float) -> float:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import count
 
-__all__ = ["Envelope", "new_message_id"]
+__all__ = ["Envelope", "new_message_id", "queue_id"]
 
 _counter = count()
 _HOST = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
@@ -23,6 +23,13 @@ def new_message_id() -> str:
     """A unique, sortable id (also the Maildir file name's unique part)."""
     t = time.time()
     return f"{int(t)}.M{int((t % 1) * 1e6):06d}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+
+
+def queue_id(message_id: str) -> str:
+    """The short id of a message: the ``queued as`` of its ``250``, and the
+    ``queue=`` of its log lines (``M123456P789Q4``)."""
+    parts = message_id.split(".")
+    return parts[1] if len(parts) > 2 else message_id
 
 
 @dataclass

@@ -45,15 +45,17 @@ from typing import Callable
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailguard.interfaces import IRelayIntake, IRelayQueue
+from mailguard.logs import emit
 from mailguard.store import dsn
 from mailguard.store.durable import DirSyncer, run_inline
-from mailguard.store.entries import FAILED, PENDING, SENT, Outcome, QueueEntry, backoff, classify
-from mailguard.store.envelope import Envelope
+from mailguard.store.entries import FAILED, PENDING, SENT, Outcome, QueueEntry, backoff, classify, domain_matcher
+from mailguard.store.envelope import Envelope, queue_id
 from mailguard.store.notices import Notifier
+from mailguard.store.queueadmin import QueueAdmin
 from mailguard.store.queuedir import QueueDir
 from mailguard.store.relayclient import RelayHop, Worker, endpoint_connector
 
@@ -63,7 +65,7 @@ log = Logger()
 
 
 @implementer(IRelayQueue, IRelayIntake)
-class RelayQueue(service.Service):
+class RelayQueue(QueueAdmin, service.Service):
     """The durable relay queue and its runner.
 
     @param spool: the spool directory (the queue is ``SPOOL/queue``).
@@ -118,6 +120,8 @@ class RelayQueue(service.Service):
         self._loaded = False
         self._pumping = False
         self._pump_again = False
+        # Recipients by outcome of their attempts (the metrics read it).
+        self.deliveries = dict.fromkeys(("sent", "deferred", "bounced"), 0)
 
     def _set_limits(self, lifetime: float, retry_min: float, retry_max: float, concurrency: int) -> None:
         self.lifetime = float(lifetime)
@@ -196,27 +200,20 @@ class RelayQueue(service.Service):
         """Start a queue run now (ETRN): entries with a pending recipient in
         C{domain} ("@domain": that domain and its subdomains; None: all)
         become due.  Returns how many."""
-        subdomains = False
-        if domain:
-            domain = domain.lower().rstrip(".")
-            if domain.startswith("@"):
-                subdomains, domain = True, domain[1:]
+        matches = domain_matcher(domain)
+        return len(self._due_now([e for e in self.entries.values()
+                                  if any(matches(r.domain) for r in e.pending())]))
 
-        def matches(d: str) -> bool:
-            if domain is None or domain == "":
-                return True
-            return d == domain or (subdomains and d.endswith("." + domain))
-
+    def _due_now(self, entries: list[QueueEntry]) -> list[QueueEntry]:
+        """Make C{entries} (those not held) due now, ending a suspension."""
         now = self.clock.seconds()
-        n = 0
-        for entry in self.entries.values():
-            if any(matches(r.domain) for r in entry.pending()):
-                entry.next_attempt = min(entry.next_attempt, now)
-                n += 1
-        if n:
+        entries = [e for e in entries if not e.held and e.pending()]
+        for entry in entries:
+            entry.next_attempt = min(entry.next_attempt, now)
+        if entries:
             self._down_until = 0.0
             self._pump()
-        return n
+        return entries
 
     # -- the runner ------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -242,7 +239,8 @@ class RelayQueue(service.Service):
         self._timer = None
         now = self.clock.seconds()
         due = sorted((e for e in self.entries.values()
-                      if not e.in_flight and not e.queued and e.next_attempt <= now and e.pending()),
+                      if not e.in_flight and not e.queued and not e.held and e.next_attempt <= now
+                      and e.pending()),
                      key=lambda e: (e.next_attempt, e.arrival))
         if self.relay_host is None:
             for e in due:
@@ -267,7 +265,7 @@ class RelayQueue(service.Service):
 
     def _arm(self) -> None:
         waiting = [e.next_attempt for e in self.entries.values()
-                   if not e.in_flight and not e.queued and e.pending()]
+                   if not e.in_flight and not e.queued and not e.held and e.pending()]
         if waiting and self.running:
             delay = max(min(waiting) - self.clock.seconds(), 0.0)
             self._timer = self.clock.callLater(delay, self._pump)
@@ -276,8 +274,8 @@ class RelayQueue(service.Service):
         """The relay host cannot be reached: defer what is ready."""
         self._down_until = self.clock.seconds() + self.retry_min
         self._down_reason = reason
-        log.warn("relay host {host} unreachable ({reason}): deliveries suspended for {s:.0f} s",
-                 host=self.relay_name, reason=reason, s=self.retry_min)
+        emit(log, "relay-suspended", {"relay": self.relay_name, "reason": reason, "seconds": self.retry_min},
+             LogLevel.warn)
         while (e := self.take_ready()) is not None:
             self.attempted(e, Outcome(error=reason))
 
@@ -295,7 +293,7 @@ class RelayQueue(service.Service):
         while ready:
             entry = ready.popleft()
             entry.queued = False
-            if entry.in_flight or not entry.pending():
+            if entry.in_flight or entry.held or not entry.pending() or self.entries.get(entry.id) is not entry:
                 continue
             entry.in_flight = True
             return entry
@@ -313,7 +311,13 @@ class RelayQueue(service.Service):
     def attempted(self, entry: QueueEntry, outcome: Outcome) -> None:
         """Record one attempt: mark recipients, write DSNs, then the new
         state (DSNs first: a crash in between repeats a DSN, never loses
-        one), then run what is due."""
+        one), then run what is due.  An entry deleted meanwhile (L{delete})
+        is forgotten; one whose message file is gone is removed."""
+        if self.entries.get(entry.id) is not entry:
+            entry.in_flight = False
+            return self._pump()
+        if outcome.missing:
+            return self._vanished(entry)
         now = self.clock.seconds()
         before = copy.deepcopy(entry.recipients)
         before_times = (entry.attempts, entry.next_attempt, entry.last_attempt)
@@ -322,27 +326,26 @@ class RelayQueue(service.Service):
         expired = now >= entry.arrival + self.lifetime
         failed: list[dsn.RecipientReport] = []
         relayed: list[dsn.RecipientReport] = []
+        qid = queue_id(entry.id)
         for r in entry.pending():
             state, status, diag = classify(outcome, r.address)
             r.status, r.diagnostic = status, diag
             remote = outcome.remote if diag.startswith("smtp;") else None
             if state == SENT:
                 r.state = SENT
-                log.info("relay {id} to <{rcpt}> via {host}: sent ({diag})", id=entry.id,
-                         rcpt=r.address, host=self.relay_name, diag=diag)
+                self._relayed(qid, entry, r, "sent", now, diag)
                 if not outcome.dsn and dsn.wants(r.notify, "SUCCESS"):
                     relayed.append(dsn.RecipientReport(r.address, "relayed", "2.0.0", r.orcpt,
                                                        diag, remote, now))
                 continue
             if state == PENDING and not expired:
-                log.info("relay {id} to <{rcpt}>: deferred ({diag})", id=entry.id,
-                         rcpt=r.address, diag=diag)
+                self._relayed(qid, entry, r, "deferred", now, diag)
                 continue
             if state == PENDING:
                 r.status = "4.4.7"
                 diag = f"{diag} (delivery time expired)"
             r.state = FAILED
-            log.info("relay {id} to <{rcpt}>: bounced ({diag})", id=entry.id, rcpt=r.address, diag=diag)
+            self._relayed(qid, entry, r, "bounced", now, diag)
             if dsn.wants(r.notify, "FAILURE"):
                 failed.append(dsn.RecipientReport(r.address, "failed", r.status, r.orcpt,
                                                   diag, remote, now))
@@ -368,7 +371,9 @@ class RelayQueue(service.Service):
 
         def done(_):
             entry.in_flight = False
-            if not entry.pending():
+            if self.entries.get(entry.id) is not entry:  # deleted while it was recorded
+                self._track(self.run(self.disk.remove, entry.id))
+            elif not entry.pending():
                 self.entries.pop(entry.id, None)
             self._pump()
 
@@ -382,11 +387,31 @@ class RelayQueue(service.Service):
             return defer.succeed(None)
         env, produce = notice
         d = self.deliver(env, produce)
-        d.addCallback(lambda _: log.info("DSN {dsn} ({action}) for {id} to <{to}> stored", dsn=env.message_id,
-                                         action=reports[0].action, id=entry.id, to=entry.sender))
+        d.addCallback(lambda _: emit(log, "dsn", {"queue": queue_id(entry.id), "dsn": queue_id(env.message_id),
+                                                  "action": reports[0].action, "to": entry.sender}))
         return d
 
+    def _relayed(self, qid: str, entry: QueueEntry, r, result: str, now: float, diag: str) -> None:
+        """One recipient's attempt: the log line (Postfix's ``status=``
+        line) and the count."""
+        self.deliveries[result] += 1
+        emit(log, "relay", {"queue": qid, "to": r.address, "relay": self.relay_name, "result": result,
+                            "status": r.status, "reply": diag, "attempts": entry.attempts,
+                            "delay": now - entry.arrival})
+
+    def _vanished(self, entry: QueueEntry) -> None:
+        """The message file was removed from the spool by hand: the entry is
+        gone for good -- no retry, no DSN (as after ``queue delete``)."""
+        entry.in_flight = False
+        self.entries.pop(entry.id, None)
+        emit(log, "queue-removed", {"queue": queue_id(entry.id), "reason": "message file removed from the spool"},
+             LogLevel.warn)
+        self._track(self.run(self.disk.remove, entry.id))
+        self._pump()
+
     def _persist(self, entry: QueueEntry) -> defer.Deferred:
+        if self.entries.get(entry.id) is not entry:
+            return defer.succeed(None)
         if entry.pending():
             return self.run(self.disk.rewrite, entry.id, entry.to_json())
         return self.run(self.disk.remove, entry.id)

@@ -132,10 +132,17 @@ class QueueDir:
         return tmp
 
     # -- later states ----------------------------------------------------------------------
-    def rewrite(self, id: str, data: bytes) -> None:
-        """The entry's new state, durably."""
-        os.rename(self._write_tmp(id, data), self.env_path(id))
+    def rewrite(self, id: str, data: bytes) -> bool:
+        """The entry's new state, durably.  False, and nothing written, if
+        its message file is gone (the entry was removed from the spool
+        meanwhile: the envelope must not come back without it)."""
+        tmp = self._write_tmp(id, data)
+        if not os.path.exists(self.eml_path(id)):
+            os.unlink(tmp)
+            return False
+        os.rename(tmp, self.env_path(id))
         self.syncer.sync(self.active)
+        return True
 
     def remove(self, id: str) -> None:
         """The entry is finished.  (The directory fsync keeps a crash from

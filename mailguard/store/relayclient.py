@@ -302,6 +302,7 @@ class RelayClient(smtp.ESMTPClient):
             skip_return_path(self._file)
         except OSError as e:
             self.outcome.error = f"cannot read the queued message: {e.strerror}"
+            self.outcome.missing = isinstance(e, FileNotFoundError)
             self._entry_done()
             self._next_transaction()
             return

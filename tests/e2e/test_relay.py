@@ -9,6 +9,8 @@ tests pointed at the address the server really listens on.
 
 from __future__ import annotations
 
+import re
+
 import smtplib
 
 import pytest
@@ -69,7 +71,9 @@ def test_open_relay_test_refused_from_untrusted_client(server, arg, helo, sender
 def test_relay_denied_is_logged(server):
     assert rcpt(server, UNTRUSTED, "TO:<logged@evil.test>") == (554, b"5.7.1 Relay access denied")
     server_log = server.output()
-    assert "RCPT refused: 127.0.0.3 <logged@evil.test>: relay denied" in server_log
+    assert re.search(r'reject session=\w{12} ip=127\.0\.0\.3 command=RCPT code=554 status=5\.7\.1 '
+                     r'reason="Relay access denied" .*to=logged@evil\.test detail="relay denied[^"]*"$',
+                     server_log, re.M)
 
 
 def test_trusted_client_relays_a_plain_non_local_address(server):

@@ -149,6 +149,34 @@ def test_warnings_are_logged_at_start_up(tmp_path):
     assert any("SmtpGreetingDelay is 400 s" in line for line in logged)
 
 
+def test_metrics_must_be_an_endpoint(tmp_path):
+    with pytest.raises(usage.UsageError, match="--metrics must be an endpoint description"):
+        tap.Options().parseOptions(["--spool", str(tmp_path), "--metrics", "9125"])
+
+
+def test_a_spool_too_long_for_the_control_socket_is_refused_at_start(tmp_path):
+    with pytest.raises(usage.UsageError, match="too long for the queue's control socket"):
+        tap.Options().parseOptions(["--spool", str(tmp_path / ("x" * 120))])
+
+
+def test_twistd_syslog_is_reopened_as_mail_with_the_pid(tmp_path):
+    """twistd --syslog: the service tree gains the SyslogFacility service
+    (with twistd's --prefix); without --syslog, it does not."""
+    from twisted.scripts.twistd import ServerOptions
+
+    from mailguard.logs import SyslogFacility
+
+    def facility(*twistd_args):
+        options = ServerOptions()
+        options.parseOptions([*twistd_args, "mailguard", "--spool", str(tmp_path), "--smtp", "tcp:0"])
+        top = tap.makeService(options.subOptions)
+        return [s for s in top if isinstance(s, SyslogFacility)]
+
+    [svc] = facility("--syslog", "--prefix", "mx-in")
+    assert svc.prefix == "mx-in"
+    assert facility() == []
+
+
 def test_make_service_reloads_with_the_start_up_rules_and_installs_the_signals(tmp_path):
     from mailguard.lifecycle import MailguardService
     from mailguard.signals import ProcessSignals

@@ -56,6 +56,7 @@ def test_gateway_unreachable_backend_is_450_441(net, clock):
     assert verdict.reply == BACKEND_NO_ANSWER
     assert not verdict.accepted and not verdict.relay
     assert "refused" in verdict.reason
+    assert gateway.errors == 1  # mailguard_gateway_backend_errors_total
 
 
 def test_gateway_caches_positive_and_negative_answers(net, clock):
@@ -139,6 +140,7 @@ def test_gateway_concurrent_lookups_share_a_failure_too(net, clock):
     clock.advance(5)
     assert [result_of(d).reply for d in ds] == [BACKEND_NO_ANSWER] * 3
     assert net.attempts == 1
+    assert gateway.errors == 1  # one lookup, shared
 
 
 def test_gateway_check_never_fails(clock):

@@ -7,6 +7,8 @@ real ``twistd -n mailguard`` with a certificate made by ``tests/certs.py``.
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 
 import base64
@@ -129,7 +131,8 @@ def test_plain_with_initial_response(ctx):
     with LogCapture() as logs:
         assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == [code(R.AUTH_OK)] == ["235 2.7.0"]
     assert s.proto.session.authenticated == JOHN
-    assert "AUTH ok: john@example.com from 127.0.0.3" in logs.text()
+    assert re.search(r"^auth session=\w{12} ip=127\.0\.0\.3 mechanism=PLAIN result=ok user=john@example\.com$",
+                     logs.text(), re.M)
 
 
 def test_plain_with_challenge(ctx):
@@ -446,7 +449,7 @@ def test_credentials_never_reach_the_log(ctx):
         s5.cmd("A" * 13000)  # an over-long response
         s5.cmd("AUTH PLAIN " + b64("\0john\0wrong-secret\0extra"))  # malformed
     text = logs.text()
-    assert "AUTH ok: john@example.com" in text  # the log works...
+    assert "result=ok user=john@example.com" in text  # the log works...
     for secret in secrets_of(*PASSWORDS):
         assert secret not in text  # ...and holds no credential
 
@@ -572,7 +575,7 @@ def test_starttls_real_socket(tls_server):
     assert b" with ESMTPSA id " in stored
     s.stop()
     log = s.output()
-    assert "AUTH ok: john@example.com" in log
+    assert "result=ok user=john@example.com" in log
     for secret in secrets_of("john-secret"):
         assert secret not in log
 

@@ -108,11 +108,12 @@ def test_after_the_delay_the_session_is_ordinary_smtp(server):
 
 def test_a_held_connection_keeps_nothing_but_its_call(server):
     """Immutable class-level defaults: while held, the instance holds only
-    the factory, the transport, its facts and the hold -- no state machine
-    yet, and nothing mutable shared by every instance."""
+    the factory, the transport, its facts, the hold, its session id and
+    when it connected (for the log) -- no state machine yet, and nothing
+    mutable shared by every instance."""
     ctx = server()
     proto, _ = connect(ctx, "127.0.0.3", 5555)
-    assert set(vars(proto)) <= {"factory", "transport", "connected", "opened", "_hold", "_held_since"}
+    assert set(vars(proto)) <= {"factory", "transport", "connected", "opened", "_hold", "_connected_at", "sid"}
     assert proto.smtp is None
     for cls in type(proto).__mro__:
         for name, value in vars(cls).items():

@@ -686,7 +686,9 @@ def test_relay_denied_is_554_and_logged(ctx):
     with LogCapture() as logs:
         out = s.cmd("RCPT TO:<user@evil.test>")
     assert s.codes(out) == ["554 5.7.1"]
-    assert "RCPT refused: 127.0.0.3 <user@evil.test>: relay denied" in logs.text()
+    assert re.search(r'^reject session=\w{12} ip=127\.0\.0\.3 command=RCPT code=554 status=5\.7\.1 '
+                     r'reason="Relay access denied" helo=\S+ from=john@example\.com to=user@evil\.test '
+                     r'detail="relay denied[^"]*"$', logs.text(), re.M)
 
 
 def test_relay_group_client_may_relay(ctx):

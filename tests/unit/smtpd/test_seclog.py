@@ -112,7 +112,7 @@ def test_rotation_keeps_one_old_generation(tmp_path):
     clock = Clock()
     path = tmp_path / "security.log"
     line_len = len(format_line(0, "gave-up", "192.0.2.1", 1000, 30.0, b""))
-    slog = SecurityLog(str(path), clock, max_bytes=10 * line_len, threaded=False)
+    slog = SecurityLog(str(path), clock, max_bytes=10 * line_len, threaded=False, generations=1)
     for i in range(35):
         slog.record("gave-up", "192.0.2.1", 1000, 30.0)
         clock.advance(0)  # one line per batch
@@ -120,6 +120,36 @@ def test_rotation_keeps_one_old_generation(tmp_path):
     assert len(read(path)) == 5
     assert len(read(str(path) + ".1")) == 10
     assert sorted(os.listdir(tmp_path)) == ["security.log", "security.log.1"]
+
+
+def test_rotation_keeps_n_generations_newest_first(tmp_path):
+    """SecurityLogGenerations (default 5): every line of the last five
+    full files is kept, in order, and nothing older."""
+    clock = Clock()
+    path = tmp_path / "security.log"
+    line_len = len(format_line(0, "gave-up", "192.0.2.1", 1000, 30.0, b""))
+    slog = SecurityLog(str(path), clock, max_bytes=10 * line_len, threaded=False)
+    assert slog.generations == 5
+    for port in range(1, 78):
+        slog.record("gave-up", "192.0.2.1", port, 30.0)
+        clock.advance(0)
+    assert sorted(os.listdir(tmp_path)) == ["security.log"] + [f"security.log.{i}" for i in range(1, 6)]
+    kept = []
+    for name in [f"security.log.{i}" for i in range(5, 0, -1)] + ["security.log"]:
+        kept += [int(line.split("\t")[3]) for line in read(tmp_path / name)]
+    assert kept == list(range(21, 78))  # 1-20 rotated out; five full files and the current one kept
+
+
+def test_zero_generations_starts_afresh(tmp_path):
+    clock = Clock()
+    path = tmp_path / "security.log"
+    line_len = len(format_line(0, "gave-up", "192.0.2.1", 1000, 30.0, b""))
+    slog = SecurityLog(str(path), clock, max_bytes=10 * line_len, threaded=False, generations=0)
+    for port in range(1, 13):
+        slog.record("gave-up", "192.0.2.1", port, 30.0)
+        clock.advance(0)
+    assert os.listdir(tmp_path) == ["security.log"]
+    assert [int(line.split("\t")[3]) for line in read(path)] == [11, 12]
 
 
 def test_max_bytes_zero_never_rotates(tmp_path):
@@ -144,6 +174,26 @@ def test_a_flood_is_counted_not_queued(tmp_path):
     lines = read(path)
     assert len(lines) == 101
     assert lines[-1].split("\t")[1:] == ["dropped", "-", "-", "count=900"]
+    assert slog.dropped == 900
+
+
+def test_dropped_lines_are_counted_in_the_twistd_log_too(tmp_path):
+    """A loss is never silent: the count also goes to the main log."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock = Clock()
+        slog = SecurityLog(str(tmp_path / "security.log"), clock, max_pending=10, threaded=False)
+        for i in range(25):
+            slog.record("early-talker", "192.0.2.1", i, 0.0, b"x")
+        clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events]
+    assert [t for t in texts if t.startswith("security-log-dropped")] == [
+        f"security-log-dropped count=15 file={tmp_path / 'security.log'}"]
 
 
 def test_a_write_error_is_logged_and_later_lines_still_written(tmp_path):
