@@ -10,6 +10,7 @@ the basic code and of the enhanced code agree, so a typo cannot send
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,13 @@ STARTTLS_PIPELINED = Reply(554, "5.5.1", "Commands pipelined after STARTTLS are 
 # --- ETRN -------------------------------------------------------------------
 ETRN_STARTED = Reply(250, "2.0.0", "Queuing started")
 ETRN_NOT_AVAILABLE = Reply(458, "4.5.0", "Unable to queue messages for node: ETRN is for trusted clients")
+
+
+@lru_cache(maxsize=64)
+def hello_reply(hostname: str, extensions: tuple[str, ...] = ()) -> bytes:
+    """The HELO (no C{extensions}) or EHLO reply, built once: a client that
+    pipelines thousands of EHLOs costs a lookup each, not a new reply."""
+    return HELO_OK.with_text(hostname).to_bytes(extensions)
 
 
 def all_replies() -> dict[str, Reply]:

@@ -1,4 +1,5 @@
-"""When to stop reading from one client: the Twisted side of bounded memory.
+"""When to stop reading from one client, and when to stop waiting for it:
+the Twisted side of bounded memory and of deadlines.
 
 A client that pipelines commands and never reads the replies makes every
 command it sends a reply that waits in the server's memory; a client that
@@ -23,7 +24,9 @@ from typing import Callable
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["ReadGate"]
+from mailguard.policy.budgets import DataDeadline
+
+__all__ = ["IdleDeadline", "ReadGate"]
 
 
 @implementer(IPushProducer)
@@ -81,3 +84,41 @@ class ReadGate:
         """The connection is gone."""
         self.output_waiting = self.holding = False
         self.transport = None
+
+
+class IdleDeadline:
+    """The idle timer, as one deadline that bytes cannot push back.
+
+    It starts again only when the session has read a whole command (or
+    message): its C{progress} count moved (L{read}).  While a message
+    arrives each read earns time at ``SmtpMinDataRate`` octets per second
+    (L{received}; L{mailguard.policy.budgets.DataDeadline}).  A client
+    that trickles a command line or a message one byte at a time is cut
+    off (C{expired(*args)}: ``421 4.4.2``) as one that sends nothing.
+    Stands in for the delayed call (C{active}, C{cancel}).
+    """
+
+    __slots__ = ("clock", "timeout", "budget", "call", "progress")
+
+    def __init__(self, clock, timeout: float, min_rate: int, expired: Callable, *args) -> None:
+        self.clock, self.timeout, self.progress = clock, timeout, 0
+        self.budget = DataDeadline(timeout, min_rate)
+        self.budget.start(clock.seconds())
+        self.call = clock.callLater(timeout, expired, *args)
+
+    def read(self, progress: int) -> None:
+        if progress != self.progress and self.call.active():
+            self.progress = progress
+            self.call.reset(self.timeout)
+            self.budget.start(self.clock.seconds())
+
+    def received(self, octets: int) -> None:
+        if self.call.active():
+            now = self.clock.seconds()
+            self.call.reset(max(0.0, self.budget.received(octets, now) - now))
+
+    def active(self) -> bool:
+        return self.call.active()
+
+    def cancel(self) -> None:
+        self.call.cancel()

@@ -7,14 +7,8 @@ the greeting hold (Kerio's spam repellent), the deadline and session
 timers, reading paused while input or output waits (L{mailguard.smtpd.flow}),
 STARTTLS, the store, the policies that answer with Deferreds, the
 slow-downs after a failed AUTH and after errors, and the security-log
-lines the session asks for.
-
-The idle deadline is one timer that bytes cannot push back: it starts
-again only when a whole command (or message) has been read, and while a
-message arrives each read earns time at ``SmtpMinDataRate`` octets per
-second (L{mailguard.policy.budgets.DataDeadline}), so a client that
-trickles a command line or a message one byte at a time is cut off with
-``421 4.4.2`` as one that sends nothing.
+lines the session asks for.  The idle deadline is one that bytes cannot
+push back (L{mailguard.smtpd.flow.IdleDeadline}).
 
 A connection held in the greeting delay is the cheap case thousands of
 times over: it has no state machine yet (one is made when the greeting is
@@ -30,12 +24,11 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from mailguard import replies as R
-from mailguard.policy.budgets import DataDeadline
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import sessionlog
 from mailguard.smtpd.events import CLOSED, DATA
-from mailguard.smtpd.flow import ReadGate
+from mailguard.smtpd.flow import IdleDeadline, ReadGate
 from mailguard.smtpd.session import ServerSession
 from mailguard.smtpd.sasl import CramMD5Credentials
 from mailguard.store.envelope import queue_id
@@ -69,8 +62,6 @@ class MailguardESMTP(Protocol):
     _message = None
     _running = False
     _gate: ReadGate | None = None  # pauses reading while input or output waits
-    _deadline: DataDeadline | None = None  # when _idle fires, while a message arrives
-    _progress = 0  # the session's progress when _idle last started
     _normal_read_size = None  # the transport's recv size, while a large DATA reads more
 
     def __init__(self, factory) -> None:
@@ -91,7 +82,10 @@ class MailguardESMTP(Protocol):
         self.sid = sessionlog.new_session_id()
         self._connected_at = ctx.clock.seconds()
         limited = ctx.limits.at_connect(facts, ctx.config, ctx.exempt)
-        if limited is not None:
+        if limited is not None:  # a per-address budget (rate, errors): as the connection limits
+            sessionlog.connect(self.sid, facts, None)
+            ctx.stats.connections["limit"] += 1
+            self._outcome = "limit"
             return self._turn_away(limited.reply, limited.event, fields=limited.fields)
         refusal = ctx.connections.open(self, facts)
         if refusal is None and ctx.connections.stopping:  # accepted as the listeners closed
@@ -132,8 +126,8 @@ class MailguardESMTP(Protocol):
         self.smtp.greet()
         self._run()
         if ctx.config.idle_timeout > 0:  # 0: no limit
-            self._idle = ctx.clock.callLater(ctx.config.idle_timeout, self._timeout, "_idle", R.TIMEOUT)
-            self._deadline = DataDeadline(ctx.config.idle_timeout, ctx.config.min_data_rate)
+            self._idle = IdleDeadline(ctx.clock, ctx.config.idle_timeout, ctx.config.min_data_rate,
+                                      self._timeout, "_idle", R.TIMEOUT)
         if ctx.config.max_session_time > 0:
             self._session_timer = ctx.clock.callLater(ctx.config.max_session_time, self._timeout,
                                                       "_session_timer", R.SESSION_TOO_LONG)
@@ -145,16 +139,11 @@ class MailguardESMTP(Protocol):
                 self._early_talker(data)
             return
         smtp.receive_data(data)
-        if smtp.mode is DATA and self._idle is not None and self._idle.active():
-            # Only a message's bytes earn time, at SmtpMinDataRate.
-            now = smtp.context.clock.seconds()
-            self._idle.reset(max(0.0, self._deadline.received(len(data), now) - now))
+        if smtp.mode is DATA and self._idle is not None:
+            self._idle.received(len(data))  # only a message's bytes earn time
         if not smtp.waiting and not self._gate.output_waiting:
             self._run()
-        elif smtp.buffered > INPUT_HOLD_MAX:
-            # The client keeps sending while a request is pending or its
-            # replies wait: stop reading (TCP backpressure) instead of
-            # buffering without limit.
+        elif smtp.buffered > INPUT_HOLD_MAX:  # sending on while a request or its replies wait
             self._gate.hold()
 
     def _early_talker(self, data: bytes) -> None:
@@ -265,12 +254,9 @@ class MailguardESMTP(Protocol):
             self._normal_read_size = None
         if self.closed:
             return
-        if smtp.progress != self._progress and self._idle is not None and self._idle.active():
-            # A whole command (or message) was read: the deadline starts again.
-            self._progress = smtp.progress
-            self._idle.reset(smtp.context.config.idle_timeout)
-            self._deadline.start(smtp.context.clock.seconds())
-        if smtp.buffered > INPUT_HOLD_MAX:
+        if self._idle is not None:
+            self._idle.read(smtp.progress)  # a whole command or message: it starts again
+        if smtp.buffered > INPUT_HOLD_MAX:  # TCP backpressure, in any state
             gate.hold()
         else:
             gate.release()

@@ -30,13 +30,12 @@ from twisted.logger import Logger
 from mailguard import replies as R
 from mailguard.policy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from mailguard.policy.rules import (Refusal, counts_as_error, ehlo_keywords, help_commands, mail_parameters,
-                                    mail_refusal, rcpt_parameters, sender_login_refusal, vrfy_budgeted,
-                                    vrfy_refusal)
+                                    mail_refusal, rcpt_parameters, vrfy_budgeted, vrfy_refusal)
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
 from mailguard.smtpd import sessionlog
-from mailguard.smtpd.budget import JUNK_COMMAND_LIMIT, ErrorBudget  # noqa: F401  (JUNK_COMMAND_LIMIT: as before)
+from mailguard.smtpd.budget import JUNK_COMMAND_LIMIT, Budgets  # noqa: F401  (JUNK_COMMAND_LIMIT: as before)
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
 from mailguard.smtpd.extensions import Extensions
 from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
@@ -56,13 +55,12 @@ _COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "
 _DATA_FAILURES = {F.TEXT_LINE_TOO_LONG: R.DATA_LINE_TOO_LONG, F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG,
                   F.NUL_CHARACTER: R.NUL_IN_DATA}
 _EMPTY = b""
-_HELLO_REPLIES: dict[tuple, bytes] = {}  # (hostname, EHLO keywords) -> the reply: a few per process
 
 
-class ServerSession(ErrorBudget, Extensions):
+class ServerSession(Budgets, Extensions):
     """The server side of one SMTP session, from the greeting on: the
     commands of RFC 5321 here, the service extensions' in L{Extensions},
-    the error budget in L{ErrorBudget}.
+    the error budget and the per-address limits in L{Budgets}.
 
     @param facts: the session facts at the greeting.
     @param context: what every session shares (the configuration, the
@@ -239,8 +237,11 @@ class ServerSession(ErrorBudget, Extensions):
 
     # -- output ---------------------------------------------------------------------------
     def _send(self, reply: R.Reply, extra: tuple[str, ...] = ()) -> None:
-        if self.mode is not CLOSED:
-            self._write(reply.to_bytes(extra))
+        if self.mode is CLOSED:
+            return
+        if reply.code >= 400:
+            self._refused(reply)
+        self._write(reply.to_bytes(extra))
 
     def _write(self, data: bytes) -> None:
         mode = self.mode
@@ -293,9 +294,7 @@ class ServerSession(ErrorBudget, Extensions):
                 return False
             self._data_event(event)
             return True
-        if self.errors and not self._rested and self._slowed():
-            self._flush()  # the replies so far go out before the sleep
-            self._request(E.Delay(self.context.config.error_sleep_time))
+        if self.errors and not self._rested and self._sleep():
             return True
         line, self._pos = self._lines.read_at(self._buffer, self._pos, self.mode is AUTH)
         if line is None:
@@ -352,14 +351,7 @@ class ServerSession(ErrorBudget, Extensions):
         helo, facts = arg.split()[0], self.facts
         if facts.helo != helo or facts.esmtp is not esmtp:  # a repeated HELO changes nothing
             self.facts = replace(facts, helo=helo, esmtp=esmtp)
-        extra = tuple(self.ehlo_extensions()) if esmtp else ()
-        key = (self.context.hostname, extra)
-        data = _HELLO_REPLIES.get(key)
-        if data is None:
-            data = R.HELO_OK.with_text(key[0]).to_bytes(extra)
-            if len(_HELLO_REPLIES) < 64:
-                _HELLO_REPLIES[key] = data
-        self._write(data)
+        self._write(R.hello_reply(self.context.hostname, tuple(self.ehlo_extensions()) if esmtp else ()))
 
     def ehlo_extensions(self) -> list[str]:
         ctx = self.context
@@ -412,22 +404,17 @@ class ServerSession(ErrorBudget, Extensions):
         refusal = mail_refusal(self.facts)
         if refusal is not None:
             return self._refuse(refusal)
-        ctx = self.context
-        limited = ctx.limits.at_mail(self.facts, ctx.config, ctx.exempt)
-        if limited is not None:
-            self._report(limited.event, limited.fields)
-            return self.close(limited.reply)
+        if self._message_limited():
+            return
         try:
             sender, params = parse_mail_from(arg)
         except AddressError as e:
             return self._error(e.reply)
-        config = ctx.config
+        config = self.context.config
         refusal = mail_parameters(params, max_size=config.max_message_size,
-                                  dsn=check_mail_parameter if ctx.dsn else None)
+                                  dsn=check_mail_parameter if self.context.dsn else None)
         if refusal is None and self.facts.authenticated:
-            refusal = sender_login_refusal(self.facts, sender.address if sender is not None else None,
-                                           enabled=config.sender_login_match, directory=ctx.policies.directory,
-                                           trust=ctx.trust)
+            refusal = self._sender_login_refusal(sender)
         if refusal is not None:
             return self._refuse(refusal)
         self.transaction = Transaction(sender.address if sender is not None else "", params)
@@ -446,13 +433,8 @@ class ServerSession(ErrorBudget, Extensions):
         refusal = rcpt_parameters(params, dsn=check_rcpt_parameter if self.context.dsn else None)
         if refusal is not None:
             return self._refuse(refusal)
-        config = self.context.config
-        if len(transaction.recipients) >= config.max_recipients:
-            # As Postfix: past smtpd_recipient_overshoot_limit more, each counts.
-            transaction.overshoot += 1
-            if transaction.overshoot > config.recipient_overshoot_limit:
-                return self._error(R.TOO_MANY_RECIPIENTS)
-            return self._send(R.TOO_MANY_RECIPIENTS)
+        if len(transaction.recipients) >= self.context.config.max_recipients:
+            return self._too_many_recipients(transaction)
         transaction.attempts += 1
         self._request(E.CheckRecipient(self.facts, mailbox, params))
 
