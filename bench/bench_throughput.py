@@ -422,17 +422,10 @@ class TwistedMail(ProcessServer):
         return self.dir / "Maildir" / "new"
 
 
+# The benchmark's role; the rest of main.cf and master.cf (a private
+# instance: nothing here touches the system's Postfix) is the interop
+# tests' (tests/postfix.py).
 POSTFIX_MAIN_CF = """\
-# A private benchmark instance: nothing here touches the system's Postfix.
-compatibility_level = 3.6
-queue_directory = {base}/queue
-data_directory = {base}/data
-command_directory = {command_directory}
-daemon_directory = {daemon_directory}
-meta_directory = {meta_directory}
-shlib_directory = {shlib_directory}
-mail_owner = postfix
-setgid_group = postdrop
 myhostname = mx.example.com
 mydomain = example.com
 myorigin = $myhostname
@@ -441,114 +434,49 @@ mydestination = example.com, example.net
 # users are refused at RCPT.
 mynetworks = 127.0.0.2/32
 local_recipient_maps = inline:{{john=ok, jane=ok, sales=ok}}
-alias_maps =
-alias_database =
 # Every accepted message is discarded after cleanup fsynced it.
 local_transport = discard:
 default_transport = discard:
 relay_transport = discard:
 virtual_transport = discard:
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
 message_size_limit = {max_size}
-smtpd_banner = $myhostname ESMTP
-biff = no
-maillog_file_prefixes = {base}
-maillog_file = {base}/maillog
 """
 
-POSTFIX_MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+POSTFIX_MASTER_CF = "127.0.0.1:{port} inet n - n - - smtpd\n"
 
 
 class Postfix(Server):
-    """A private Postfix instance in DIR: DIR/etc (main.cf, master.cf),
-    DIR/queue, DIR/data, DIR/maillog.  Started and stopped with
-    ``postfix -c DIR/etc``; no chroot; the system's Postfix is not touched."""
+    """A private Postfix instance in DIR (``tests.postfix.PrivatePostfix``):
+    DIR/etc (main.cf, master.cf), DIR/queue, DIR/data, DIR/maillog.
+    Started and stopped with ``postfix -c DIR/etc``; no chroot; the
+    system's Postfix is not touched."""
 
     name = "postfix"
 
     def __init__(self, tmp: Path, postfix: str) -> None:
-        self.postfix = postfix
         self.base = tmp / "postfix"
-        self.etc = self.base / "etc"
         self.port = free_port()
-        self.master_pid: int | None = None
+        self.instance = None
         self._sent_offset = 0
         self._sent_count = 0
 
-    def _postconf_default(self, name: str, fallback: str) -> str:
-        postconf = find_tool("postconf")
-        if postconf:
-            r = subprocess.run([postconf, "-dh", name], capture_output=True, text=True)
-            if r.returncode == 0 and r.stdout.strip():
-                return r.stdout.strip()
-        return fallback
+    @property
+    def master_pid(self) -> int | None:
+        return self.instance.master_pid if self.instance is not None else None
 
     def start(self) -> None:
-        self.etc.mkdir(parents=True)
-        (self.base / "queue").mkdir()
-        (self.base / "data").mkdir()
-        shutil.chown(self.base / "data", "postfix")
-        (self.etc / "main.cf").write_text(POSTFIX_MAIN_CF.format(
-            base=self.base, max_size=MAX_SIZE,
-            command_directory=self._postconf_default("command_directory", "/usr/sbin"),
-            daemon_directory=self._postconf_default("daemon_directory", "/usr/lib/postfix/sbin"),
-            meta_directory=self._postconf_default("meta_directory", "/etc/postfix"),
-            shlib_directory=self._postconf_default("shlib_directory", "/usr/lib/postfix")))
-        (self.etc / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=self.port))
+        sys.path.insert(0, str(ROOT))
+        from tests.postfix import PrivatePostfix
+
+        self.instance = PrivatePostfix(POSTFIX_MAIN_CF.format(max_size=MAX_SIZE),
+                                       POSTFIX_MASTER_CF.format(port=self.port), base=self.base)
         _servers.append(self)
-        r = subprocess.run([self.postfix, "-c", str(self.etc), "start"], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=60)
-        pidfile = self.base / "queue" / "pid" / "master.pid"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not pidfile.exists():
-            time.sleep(0.1)
-        if r.returncode != 0 or not pidfile.exists():
-            raise RuntimeError(f"postfix start failed ({r.returncode}): {r.stdout}{r.stderr}"
-                               f"{self._maillog_tail()}")
-        self.master_pid = int(pidfile.read_text().split()[0])
+        self.instance.start()
         wait_port(self.port, lambda: pid_alive(self.master_pid))
 
-    def _maillog_tail(self) -> str:
-        p = self.base / "maillog"
-        return p.read_text(errors="replace")[-3000:] if p.exists() else ""
-
     def stop(self) -> None:
-        if self.master_pid is None:
-            return
-        master, self.master_pid = self.master_pid, None
-        children = child_pids(master)
-        subprocess.run([self.postfix, "-c", str(self.etc), "stop"], capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=60)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and (pid_alive(master) or any(map(pid_alive, children))):
-            time.sleep(0.1)
-        for pid in [master, *children]:  # only the processes of our instance
-            if pid_alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        if self.instance is not None:
+            self.instance.stop()
 
     @property
     def pid(self) -> int:

@@ -147,6 +147,7 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
         syncer=syncer,
         tls=tls,
         tls_required=config.relay_tls_verify,
+        bind_address=config.relay_source_address,
     )
 
 
@@ -224,8 +225,13 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
     if opts["metrics"]:
         _metrics(top, reactor, context, opts["metrics"])
     if opts["submission"] and context.tls is None:
-        log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
-                 "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")
+        if config.cram_md5_enabled:
+            log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
+                     "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")
+        else:
+            log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
+                     "without TLS and CRAM-MD5 is off (SmtpAuthCramMd5Enabled=0), so no one "
+                     "can authenticate there")
     plan = fit_descriptors(config)
     context.connections.descriptor_cap = plan.fits
     context.connections.max_total = plan.max_connections

@@ -20,6 +20,10 @@ from mailguard.smtpd.seclog import SecurityLog
 from tests.conftest import USERS, write_config  # noqa: F401  (re-exported for tests)
 
 
+# SASL CRAM-MD5 is off by default (SmtpAuthCramMd5Enabled=0); tests of it turn it on.
+CRAM_MD5 = {"SmtpAuthCramMd5Enabled": "1"}
+
+
 def make_context(tmp_path: Path, variables: dict[str, str] | None = None, *, users=USERS,
                  clock=None, tls=None, recipients=None, passwords=True, store=None) -> ServerContext:
     """A ServerContext built the way ``mailguard.service`` builds it, on a

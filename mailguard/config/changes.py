@@ -27,7 +27,7 @@ RESTART_ONLY = frozenset({
     "GatewayEnabled", "GatewayDomains", "GatewayBackend", "GatewayBindAddress",
     "GatewayConnections", "GatewayTimeout", "GatewayIdleTimeout",
     "GatewayCachePositiveTtl", "GatewayCacheNegativeTtl", "GatewayCacheSize",
-    "RelayHostTlsVerify", "RelayHostTlsCaFile",
+    "RelayHostTlsVerify", "RelayHostTlsCaFile", "RelayHostBindAddress",
 })
 #: In gateway mode without GatewayDomains the Domain table says which
 #: domains the back-end holds: named so in L{Changes.restart}.

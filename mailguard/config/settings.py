@@ -124,6 +124,7 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("QueueConcurrency", "queue_concurrency", Number(0, 1000), False),
     Scalar("RelayHostTlsVerify", "relay_tls_verify", parse_bool, False),
     Scalar("RelayHostTlsCaFile", "relay_tls_ca_file", parse_text, False),
+    Scalar("RelayHostBindAddress", "relay_bind_address", parse_bind_address, False),
 )
 SCALAR_NAMES: frozenset[str] = frozenset(s.name for s in SCALARS)
 
@@ -185,6 +186,7 @@ class Configuration:
     queue_concurrency: int = 10
     relay_tls_verify: bool = False
     relay_tls_ca_file: str = ""
+    relay_bind_address: str = ""  # empty: GatewayBindAddress in gateway mode, else the system's choice
     domains: tuple[DomainRecord, ...] = ()
     ip_group_rows: tuple[IpGroupRow, ...] = ()
     users: tuple[UserRecord, ...] = ()
@@ -206,6 +208,16 @@ class Configuration:
             out.append(d.name)
             out.extend(d.aliases)
         return tuple(dict.fromkeys(out))
+
+    @property
+    def relay_source_address(self) -> str:
+        """The source address of the relay queue's connections:
+        RelayHostBindAddress, or in gateway mode GatewayBindAddress (the
+        back-end trusts one address, for its probes and for the mail
+        alike), or empty (the system chooses)."""
+        if self.relay_bind_address:
+            return self.relay_bind_address
+        return self.gateway_bind_address if self.gateway_enabled else ""
 
     def where(self, name: str) -> Where | None:
         """Where the scalar C{name} (a Kerio name) was set, or None when it

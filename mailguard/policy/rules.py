@@ -44,15 +44,19 @@ class Refusal:
     error: bool = True
 
 
-def auth_mechanisms(session: Session, passwords) -> list[str]:
+def auth_mechanisms(session: Session, passwords, *, cram_md5: bool = False) -> list[str]:
     """The SASL mechanisms to offer now.  PLAIN and LOGIN send the password
-    itself, so only under TLS (STARTTLS done, or the smtps listener);
-    CRAM-MD5 needs the plain-text password on our side, so only where some
-    enabled user has one.  None at all without a password checker."""
+    itself, so only under TLS (STARTTLS done, or the smtps listener).
+    CRAM-MD5 only where it is turned on (C{cram_md5}:
+    ``SmtpAuthCramMd5Enabled``, off by default) and some enabled user has a
+    plain-text password: Postfix's SASL client and Twisted's
+    ``ESMTPSenderFactory`` pick CRAM-MD5 whenever it is offered and do not
+    fall back, so offering it to users with a hashed password locks them
+    out.  None at all without a password checker."""
     if passwords is None:
         return []
     mechs = []
-    if passwords.has_plaintext_passwords():
+    if cram_md5 and passwords.has_plaintext_passwords():
         mechs.append("CRAM-MD5")
     if session.tls:
         mechs += ["PLAIN", "LOGIN"]

@@ -55,7 +55,8 @@ class Extensions:
 
     # -- AUTH -----------------------------------------------------------------------------
     def _mechanisms(self) -> list[str]:
-        return auth_mechanisms(self.facts, self.context.passwords)
+        return auth_mechanisms(self.facts, self.context.passwords,
+                               cram_md5=self.context.config.cram_md5_enabled)
 
     def smtp_AUTH(self, arg: str) -> None:
         if self.facts.helo is None:

@@ -7,10 +7,15 @@ size so far).  The session (L{mailguard.smtpd.session}) owns the buffer.
 
 DATA is consumed in bulk, the way ``twisted.mail`` does not: all the whole
 lines received so far are one block, checked for bare CR/LF by comparing
-three C-level counts, unstuffed with one ``bytes.replace`` (no copy at all
-when no line starts with a dot), and checked for over-long lines with one
-``split``: linear, unlike a regular-expression search for a long run,
-which rescans a line from each of its positions.
+three C-level counts and unstuffed with one ``bytes.replace`` (no copy at
+all when no line starts with a dot).
+
+DATA lines have no length limit (RFC 5321 4.5.3.1.6's 1000 octets is a
+minimum every server must accept; Postfix and Exim take longer lines, and
+badly generated HTML has them): they are stored unchanged, and the relay
+queue folds them when it forwards (L{mailguard.store.folding}).  Memory
+stays bounded all the same: a partial line of L{PARTIAL_LINE_MAX} octets
+or more is taken as message bytes without waiting for its end.
 """
 
 from __future__ import annotations
@@ -25,15 +30,14 @@ __all__ = [
     "LINE_TOO_LONG",
     "MESSAGE_TOO_BIG",
     "NUL_CHARACTER",
-    "TEXT_LINE_MAX",
-    "TEXT_LINE_TOO_LONG",
+    "PARTIAL_LINE_MAX",
     "CommandReader",
     "DataReader",
 ]
 
 COMMAND_LINE_MAX = 512  # RFC 5321 4.5.3.1.4, CRLF included
 AUTH_LINE_MAX = 12288  # RFC 4954 section 4
-TEXT_LINE_MAX = 1000  # RFC 5321 4.5.3.1.6, CRLF included
+PARTIAL_LINE_MAX = 8192  # a DATA line this long is taken before its end arrives
 _AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
 _AUTH_FIRST = frozenset(b"aA \t")  # what an AUTH line can start with
 _EMPTY = b""
@@ -56,7 +60,6 @@ _Event = Marker
 LINE_TOO_LONG = _Event("LINE_TOO_LONG")  # a command line over its limit (reported once)
 END_OF_DATA = _Event("END_OF_DATA")  # the terminating "." line
 BARE_LINE_ENDING = _Event("BARE_LINE_ENDING")  # a CR or LF not in a CRLF pair (smuggling)
-TEXT_LINE_TOO_LONG = _Event("TEXT_LINE_TOO_LONG")  # a DATA line over TEXT_LINE_MAX
 MESSAGE_TOO_BIG = _Event("MESSAGE_TOO_BIG")  # the unstuffed size passed the limit
 NUL_CHARACTER = _Event("NUL_CHARACTER")  # a NUL octet in the message (RFC 5322 2.3, RFC 6152)
 
@@ -119,23 +122,19 @@ class DataReader:
     """The DATA stream of one message, up to its terminating ``.`` line.
 
     Events, one per L{read}: message bytes (unstuffed, CRLF line endings,
-    to store as they are); L{TEXT_LINE_TOO_LONG}, L{MESSAGE_TOO_BIG} or
-    L{NUL_CHARACTER} the first time the message fails (after which it is read to its end and
+    to store as they are); L{MESSAGE_TOO_BIG} or L{NUL_CHARACTER} the
+    first time the message fails (after which it is read to its end and
     nothing more is returned); L{BARE_LINE_ENDING} (SMTP smuggling: the
-    caller must stop reading the stream); L{END_OF_DATA}.
+    caller must stop reading the stream); L{END_OF_DATA}.  Lines may be of
+    any length.
 
     @param max_size: the message size limit in unstuffed octets (0: none).
-    @param line_max: the longest text line, CRLF included, or None for no
-        limit.  Checked on unstuffed data: the dot added for transparency
-        does not count (RFC 5321 4.5.3.1.6), so a 998-octet line whose
-        stuffed form is 999 passes.
     """
 
-    __slots__ = ("max_size", "line_max", "size", "failed", "_at_line_start")
+    __slots__ = ("max_size", "size", "failed", "_at_line_start")
 
-    def __init__(self, max_size: int, line_max: int | None = TEXT_LINE_MAX) -> None:
+    def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self.line_max = line_max
         self.size = 0  # unstuffed octets so far
         self.failed: object | None = None  # why the message failed
         self._at_line_start = True
@@ -159,20 +158,22 @@ class DataReader:
             if event is not None:
                 return event, buf
 
-    def _partial(self, buf: bytes) -> tuple[_Event | None, bytes]:
-        """A partial line: wait for its end, unless it is already too long
-        whatever follows (one more octet for a dot added for transparency)."""
-        limit = self.line_max
-        if limit is None:
+    def _partial(self, buf: bytes) -> tuple[bytes | _Event | None, bytes]:
+        """A partial line (no LF yet): wait for its end, unless it is
+        L{PARTIAL_LINE_MAX} octets long already; then take it as message
+        bytes but a final CR, which may start the CRLF."""
+        if len(buf) < PARTIAL_LINE_MAX:
             return None, buf
-        stuffed = self._at_line_start and buf[:1] == b"."
-        if len(buf) < limit + stuffed:
-            return None, buf
-        if b"\r" in buf[:-1]:  # bare CR, even in a line never stored
+        cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+        data, rest = buf[:cut], buf[cut:]
+        if b"\r" in data:  # a CR not followed by LF: bare
             return BARE_LINE_ENDING, buf
+        if self._at_line_start and data[:1] == b".":
+            data = data[1:]  # "." and more on a line: a dot added for transparency
         self._at_line_start = False
-        rest = buf[-1:] if buf.endswith(b"\r") else _EMPTY  # a CR may start the CRLF.CRLF
-        return self._fail(TEXT_LINE_TOO_LONG), rest
+        if self.failed is not None:
+            return None, rest
+        return self._count(data), rest
 
     def _block(self, block: bytes) -> bytes | _Event | None:
         """A run of lines, each CRLF-terminated unless a smuggling attempt."""
@@ -182,20 +183,19 @@ class DataReader:
         at_line_start, self._at_line_start = self._at_line_start, True
         if self.failed is not None:
             return None  # read on to the final dot; the reply comes then
-        if b"\0" in block:  # never stored, so never relayed as sent
-            return self._fail(NUL_CHARACTER)
         if b"\n." not in block and not (at_line_start and block[:1] == b"."):
             data = block  # nothing to unstuff (most blocks): no copy
         elif at_line_start:
             data = (b"\n" + block).replace(b"\n.", b"\n")[1:]
         else:
             data = block.replace(b"\n.", b"\n")
-        # Every LF here ends a CRLF (bare ones were refused above), so a
-        # piece keeps its CR: a line is too long when its piece has
-        # line_max octets or more.
-        limit = self.line_max
-        if limit is not None and len(data) >= limit and max(map(len, data.split(b"\n"))) >= limit:
-            return self._fail(TEXT_LINE_TOO_LONG)
+        return self._count(data)
+
+    def _count(self, data: bytes) -> bytes | _Event | None:
+        """Message bytes, unless they take the message over its size or
+        hold a NUL (never stored, so never relayed as sent)."""
+        if b"\0" in data:
+            return self._fail(NUL_CHARACTER)
         self.size += len(data)
         if 0 < self.max_size < self.size:
             return self._fail(MESSAGE_TOO_BIG)

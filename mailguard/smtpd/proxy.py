@@ -8,15 +8,37 @@ delay, and later trust, on the wrong address.  Here the SMTP session starts
 only once the header has been read, so every decision sees the client the
 header names (SPEC "Trust").  A connection that sends no valid header within
 C{timeout} seconds is closed without a word.
+
+``PROXY UNKNOWN`` (version 1; a health check, or a connection the load
+balancer could not describe) and version 2's ``LOCAL`` carry no client:
+the PROXY protocol says to use the connection's real addresses then (the
+load balancer's), and the session starts as for any other header.
+Twisted's version-1 parser refuses ``PROXY UNKNOWN`` with nothing after
+it (it wants a space and more), so that line is read here.
 """
 
 from __future__ import annotations
 
 from twisted.internet.protocol import Protocol
+from twisted.protocols.haproxy._info import ProxyInfo
+from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import directlyProvides, providedBy
 
 HEADER_TIMEOUT = 10.0
+_UNKNOWN = b"PROXY UNKNOWN"
+
+
+class _V1Parser(V1Parser):
+    """Twisted's version-1 parser, and ``PROXY UNKNOWN`` alone on its line
+    (the PROXY protocol, section 2.1: "the receiver must ignore anything
+    presented before the CRLF is found" after ``UNKNOWN``)."""
+
+    @classmethod
+    def parse(cls, line: bytes) -> ProxyInfo:
+        if line == _UNKNOWN or line.startswith(_UNKNOWN + b" "):
+            return ProxyInfo(line, None, None)  # getPeer/getHost: the real addresses
+        return super().parse(line)
 
 
 class _Collector:
@@ -53,6 +75,8 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
         if self._session is None:
             self.wrappedProtocol.dataReceived(data)
             return
+        if self._parser is None and data[:6] == b"PROXY " and len(data) >= 8:
+            self._parser = _V1Parser()  # as the wrapper would choose V1Parser
         super().dataReceived(data)  # parses the header; keeps what follows
         if self._proxyInfo is not None and self._session is not None and not self.disconnecting:
             early = self.wrappedProtocol.data

@@ -52,8 +52,7 @@ log = Logger()
 OUTPUT_BATCH_MAX = 16 * 1024
 _COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "VRFY", "MAIL",
                        "RCPT", "DATA", "STARTTLS", "AUTH", "ETRN"})
-_DATA_FAILURES = {F.TEXT_LINE_TOO_LONG: R.DATA_LINE_TOO_LONG, F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG,
-                  F.NUL_CHARACTER: R.NUL_IN_DATA}
+_DATA_FAILURES = {F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG, F.NUL_CHARACTER: R.NUL_IN_DATA}
 _EMPTY = b""
 
 
@@ -453,7 +452,7 @@ class ServerSession(Budgets, Extensions):
             return self._error(R.SYNTAX_ERROR)
         transaction = self.transaction
         if transaction is None:
-            return self._error(R.NEED_MAIL)
+            return self._error(R.NEED_MAIL_BEFORE_DATA)
         if not transaction.recipients:
             # RFC 2920 3.1: after pipelined RCPTs that all failed, 554.
             return self._error(R.NO_VALID_RECIPIENTS if transaction.attempts else R.NEED_RCPT)

@@ -23,7 +23,6 @@ COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 # unlisted is "other".
 MESSAGE_REFUSALS = {
     (552, "5.3.4"): "too_big",
-    (500, "5.5.2"): "line_too_long",
     (554, "5.6.0"): "bare_line_ending",
     (452, "4.3.1"): "storage",
     (451, "4.3.0"): "local_error",

@@ -26,6 +26,7 @@ to the MTA's choice).
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ __all__ = [
     "wants",
     "build_report",
     "headers_of",
+    "mta_name",
+    "without_return_path",
 ]
 
 MAIL_PARAMETERS = frozenset({"RET", "ENVID"})
@@ -162,6 +165,31 @@ def headers_of(message: bytes) -> bytes:
     return message[: end + 2]
 
 
+def without_return_path(message: bytes) -> bytes:
+    """C{message} without a leading ``Return-Path:`` field (and its folded
+    lines): mailguard's own trace of final delivery, which a returned
+    message must not carry (the report itself is the final delivery)."""
+    if message[:12].lower() != b"return-path:":
+        return message
+    end = message.find(b"\n") + 1
+    while end and message[end:end + 1] in (b" ", b"\t"):
+        end = message.find(b"\n", end) + 1
+    return message[end:] if end else b""
+
+
+def mta_name(host: str) -> str:
+    """A ``Remote-MTA`` value (RFC 3464 2.3.5: ``mta-name-type; mta-name``).
+    The ``dns`` type takes a domain name, so a next hop given by address
+    is written as an RFC 5321 address literal: ``dns; [192.0.2.1]``,
+    ``dns; [IPv6:2001:db8::1]`` (as Sendmail writes it; Postfix writes the
+    bare address)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return f"dns; {_safe(host)}"
+    return f"dns; [{ip}]" if ip.version == 4 else f"dns; [IPv6:{ip.compressed}]"
+
+
 def _safe(text: str, limit: int = 900) -> str:
     """One header-safe line of printable ASCII."""
     text = " ".join(text.split())
@@ -197,6 +225,8 @@ def build_report(*, hostname: str, to: str, recipients: list[RecipientReport],
     or with C{headers_only} its header section: RET=HDRS) in the third part.
 
     @param envid: the raw ENVID (xtext) of the original transaction.
+    @param original: the message as stored; its leading ``Return-Path``
+        (mailguard's own) is left out (L{without_return_path}).
     @param message_id: unique, used for the Message-ID and the MIME boundary.
     @return: the message as CRLF-terminated lines (each at most 998 octets
         except lines of C{original}, which arrived under the same limit).
@@ -205,6 +235,7 @@ def build_report(*, hostname: str, to: str, recipients: list[RecipientReport],
     subject = ("Undelivered Mail Returned to Sender" if failed
                else "Successful Mail Delivery Report")
     boundary = f"{message_id.replace('@', '.')}/{hostname}"
+    original = without_return_path(original)
     returned = headers_of(original) if headers_only else original
     eight_bit = any(b > 127 for b in returned)
 
@@ -242,7 +273,7 @@ def build_report(*, hostname: str, to: str, recipients: list[RecipientReport],
         status.append(f"Action: {r.action}")
         status.append(f"Status: {r.status}")
         if r.remote_mta:
-            status.append(f"Remote-MTA: dns; {_safe(r.remote_mta)}")
+            status.append(f"Remote-MTA: {mta_name(r.remote_mta)}")
         if r.diagnostic:
             status.append(f"Diagnostic-Code: {_safe(r.diagnostic)}")
         if r.last_attempt is not None:

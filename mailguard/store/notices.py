@@ -21,9 +21,14 @@ from twisted.logger import Logger
 from mailguard.store import dsn
 from mailguard.store.envelope import Envelope, new_message_id
 
-__all__ = ["Notifier", "directory_router"]
+__all__ = ["NULL_RETURN_PATH", "Notifier", "directory_router"]
 
 log = Logger()
+
+# A notice comes from the null sender (RFC 3464, RFC 5321 4.5.5): its final
+# delivery records that, as received mail records its sender.  Stored once
+# for every destination; the relay queue leaves it out when it forwards.
+NULL_RETURN_PATH = b"Return-Path: <>\r\n"
 
 
 def directory_router(directory, gateway=None) -> Callable:
@@ -113,7 +118,7 @@ class Notifier:
                                 original=original, headers_only=True, now=now,
                                 message_id=f"{env.message_id}@{self.hostname}",
                                 envid=envelope.mail_params.get("ENVID"), arrival=now)
-        return [(env, data)]
+        return [(env, NULL_RETURN_PATH + data)]
 
     def about_entry(self, entry, reports: list[dsn.RecipientReport], headers_only: bool,
                     eml_path: str) -> tuple[Envelope, Callable[[], bytes]] | None:
@@ -130,9 +135,9 @@ class Notifier:
         def produce() -> bytes:
             with open(eml_path, "rb") as f:
                 original = f.read()
-            return dsn.build_report(hostname=hostname, to=entry.sender, recipients=reports,
-                                    original=original, headers_only=headers_only, now=now,
-                                    message_id=f"{env.message_id}@{hostname}",
-                                    envid=entry.envid, arrival=entry.arrival)
+            return NULL_RETURN_PATH + dsn.build_report(
+                hostname=hostname, to=entry.sender, recipients=reports, original=original,
+                headers_only=headers_only, now=now, message_id=f"{env.message_id}@{hostname}",
+                envid=entry.envid, arrival=entry.arrival)
 
         return env, produce

@@ -82,7 +82,8 @@ class RelayQueue(QueueAdmin, service.Service):
     @param syncer: the L{DirSyncer} shared with the Maildir store.
     @param tls: TLS client settings for STARTTLS, or None for none.
     @param connect: C{factory -> Deferred[protocol]}; by default a
-        C{HostnameEndpoint} to C{relay_host} on C{clock}.
+        C{HostnameEndpoint} to C{relay_host} on C{clock}, from
+        C{bind_address} if not empty.
     """
 
     name = "relay-queue"
@@ -94,7 +95,7 @@ class RelayQueue(QueueAdmin, service.Service):
                  deliver: Callable | None = None, syncer: DirSyncer | None = None,
                  tls=None, tls_required: bool = False,
                  connect: Callable | None = None, timeout: float = 300.0,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0, bind_address: str = "") -> None:
         self.spool = spool
         self.disk = QueueDir(spool, syncer)
         self.clock = clock
@@ -107,8 +108,9 @@ class RelayQueue(QueueAdmin, service.Service):
         self.tls = tls
         self.tls_required = bool(tls_required)
         self.timeout = timeout
+        self.bind_address = bind_address
         if connect is None and relay_host is not None:
-            connect = endpoint_connector(clock, relay_host[0], relay_host[1], connect_timeout)
+            connect = endpoint_connector(clock, relay_host[0], relay_host[1], connect_timeout, bind_address)
         self._hop = RelayHop(self.relay_name, hostname, tls, self.tls_required, timeout, connect)
         self.entries: dict[str, QueueEntry] = {}
         self._ready: deque[QueueEntry] = deque()

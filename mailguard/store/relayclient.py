@@ -26,8 +26,11 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols import basic
 
+from mailguard.logs import emit
 from mailguard.policy.addresses import command_injection
 from mailguard.store.entries import Outcome, QueueEntry
+from mailguard.store.envelope import queue_id
+from mailguard.store.folding import LINE_LIMIT, LineFolder
 
 __all__ = ["RelayClient", "RelayHop", "Worker", "client_tls", "describe", "endpoint_connector",
            "skip_return_path"]
@@ -55,13 +58,16 @@ class RelayHop:
     connect: Callable
 
 
-def endpoint_connector(clock, host: str, port: int, timeout: float) -> Callable:
-    """A C{connect} for L{RelayHop}: a C{HostnameEndpoint} on C{clock}."""
+def endpoint_connector(clock, host: str, port: int, timeout: float, bind_address: str = "") -> Callable:
+    """A C{connect} for L{RelayHop}: a C{HostnameEndpoint} on C{clock},
+    from C{bind_address} when one is given (RelayHostBindAddress, or the
+    gateway's address)."""
+    bind = (bind_address, 0) if bind_address else None
 
     def connect(factory):
         from twisted.internet.endpoints import HostnameEndpoint
 
-        return HostnameEndpoint(clock, host, port, timeout=timeout).connect(factory)
+        return HostnameEndpoint(clock, host, port, timeout=timeout, bindAddress=bind).connect(factory)
 
     return connect
 
@@ -228,7 +234,7 @@ class RelayClient(smtp.ESMTPClient):
         self.tls_failed = False
         self._items: dict = {}
         self._file = None
-        self._line_start = True
+        self._folder: LineFolder | None = None
         self._closed = False
 
     # -- session set-up (inherited states, a few corrections) ------------------------
@@ -380,7 +386,7 @@ class RelayClient(smtp.ESMTPClient):
             self.outcome.data = (code if code >= 400 else 451, self._text(resp))
             self._entry_done()
             return self._reset()
-        self._line_start = True
+        self._folder = LineFolder()
         sender = basic.FileSender()
         d = sender.beginFileTransfer(self._file, self.transport, self.transformChunk)
         d.addCallbacks(self.finishedFileTransfer,
@@ -390,14 +396,22 @@ class RelayClient(smtp.ESMTPClient):
         self._failresponse = self._end_of_data
 
     def transformChunk(self, chunk: bytes) -> bytes:
-        """Dot-stuff a chunk of a CRLF message (it is stored with CRLF
-        line ends already; a leading dot may follow a chunk boundary)."""
+        """A chunk of the stored CRLF message, dot-stuffed, with lines
+        over 998 octets folded as Postfix's SMTP client folds them
+        (L{mailguard.store.folding})."""
         self.resetTimeout()
-        if self._line_start and chunk.startswith(b"."):
-            chunk = b"." + chunk
-        chunk = chunk.replace(b"\n.", b"\n..")
-        self._line_start = chunk.endswith(b"\n")
-        return chunk
+        return self._folder.feed(chunk)
+
+    def finishedFileTransfer(self, lastsent):
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            tail = folder.end()
+            if tail:  # a final CR without its LF (never in a stored message)
+                self.transport.write(tail)
+            if folder.folds and self.entry is not None:
+                emit(log, "relay-folded", {"queue": queue_id(self.entry.id), "relay": self.worker.hop.name,
+                                           "limit": LINE_LIMIT, "folds": folder.folds})
+        smtp.ESMTPClient.finishedFileTransfer(self, lastsent)
 
     def _end_of_data(self, code, resp):
         self.outcome.data = (code, self._text(resp))

@@ -212,4 +212,8 @@ def test_accepted_gateway_mail_reaches_the_backend(servers, tmp_path):
         c.sendmail("sender@outside.test", ["john@example.com"], b"Subject: via the gateway\r\n\r\nHello.\r\n")
     files = eventually(lambda: backend.maildir_files("john@example.com"), timeout=20)
     assert len(files) == 1
-    assert b"Hello." in files[0].read_bytes()
+    data = files[0].read_bytes()
+    assert b"Hello." in data
+    # Issue 10: the relay queue delivered from GatewayBindAddress too, the
+    # address the back-end trusts (its Received header names the client).
+    assert b"\r\nReceived: from gw.example.com ([127.0.0.2])\r\n" in data

@@ -21,7 +21,7 @@ import pytest
 
 from tests.certs import make_certs
 from tests.conftest import Twistd, free_port, wait_for_port
-from tests.helpers_context import write_config
+from tests.helpers_context import CRAM_MD5, write_config
 
 CLIENT_IP = "127.0.0.3"
 SECRETS = ["john-secret", "jane-secret", "sam-secret", "am9obi1zZWNyZXQ=",  # base64 of john-secret
@@ -46,7 +46,17 @@ def backend_config(path: Path) -> Path:
 @pytest.fixture
 def servers(tmp_path):
     """mailguard with TLS on all three listeners, relaying to a back-end
-    mailguard."""
+    mailguard; the default SASL mechanisms (no CRAM-MD5)."""
+    yield from start_servers(tmp_path)
+
+
+@pytest.fixture
+def cram_servers(tmp_path):
+    """The same with SmtpAuthCramMd5Enabled=1."""
+    yield from start_servers(tmp_path, CRAM_MD5)
+
+
+def start_servers(tmp_path, variables=None):
     started: list[Twistd] = []
     back_dir = tmp_path / "backend"
     back_dir.mkdir()
@@ -59,7 +69,7 @@ def servers(tmp_path):
     certs = make_certs(front_dir / "certs")
     port, smtps, submission = free_port(), free_port(), free_port()
     front = Twistd(front_dir, [
-        "--config", str(write_config(front_dir / "mailserver.cfg")),
+        "--config", str(write_config(front_dir / "mailserver.cfg", variables)),
         "--smtp", f"tcp:{port}:interface=127.0.0.1",
         "--smtps", f"tcp:{smtps}:interface=127.0.0.1",
         "--submission", f"tcp:{submission}:interface=127.0.0.1",
@@ -151,12 +161,20 @@ def test_swaks_plain_auth_refused_without_tls(servers):
     assert "235" not in r.stdout
 
 
-def test_swaks_cram_md5_without_tls(servers):
+def test_swaks_cram_md5_without_tls(cram_servers):
     r = swaks("--auth", "CRAM-MD5", "--auth-user", "john@example.com", "--auth-password", "john-secret",
-              "--from", "john@example.com", "--to", "jane@example.com", port=servers.port)
+              "--from", "john@example.com", "--to", "jane@example.com", port=cram_servers.port)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "235 2.7.0 Authentication successful" in replies(r.stdout)
-    assert b"with ESMTPA id" in servers.maildir_files("jane@example.com")[0].read_bytes()
+    assert b"with ESMTPA id" in cram_servers.maildir_files("jane@example.com")[0].read_bytes()
+
+
+def test_swaks_cram_md5_refused_by_default(servers):
+    r = swaks("--auth", "CRAM-MD5", "--auth-user", "john@example.com", "--auth-password", "john-secret",
+              "--from", "john@example.com", "--to", "jane@example.com", port=servers.port)
+    assert r.returncode != 0
+    assert "AUTH" not in "".join(line for line in replies(r.stdout) if line.startswith("250"))
+    assert servers.maildir_files("jane@example.com") == []
 
 
 def test_swaks_tls_on_connect_smtps(servers):

@@ -11,6 +11,7 @@ start with the next hop down start their own, on a port chosen first.
 from __future__ import annotations
 
 import json
+import re
 import os
 import smtplib
 import subprocess
@@ -43,7 +44,7 @@ class Handler:
             f.write(envelope.original_content)
         with open(base + ".json", "w") as f:
             json.dump({"from": envelope.mail_from, "to": envelope.rcpt_tos,
-                       "tls": session.ssl is not None}, f)
+                       "tls": session.ssl is not None, "peer": session.peer[0]}, f)
         os.rename(base + ".tmp", base + ".eml")
         return "250 2.0.0 OK"
 
@@ -161,6 +162,36 @@ def test_e2e_trusted_client_relays_to_the_backend(twistd, up_backend, tmp_path):
     assert data.endswith(body)
     assert b"Twisted" not in data
     assert wait_for(lambda: not os.listdir(server.spool / "queue" / "active"))
+
+
+def test_e2e_a_1200_octet_line_is_delivered_and_forwarded_folded(twistd, up_backend, tmp_path):
+    """Issue 10: a line over 1000 octets is accepted and stored unchanged
+    for a local recipient, and folded (CRLF SPACE after 998 octets, as
+    Postfix's SMTP client) for the next hop, which here is aiosmtpd: it
+    refuses DATA lines over 1001 octets, so the delivery itself shows the
+    folding."""
+    b = up_backend
+    server = twistd("--relay-host", f"127.0.0.1:{b.port}", config=relay_config(tmp_path))
+    long_line = b"<p>" + b"w" * 1197
+    body = b"Subject: long line\r\n\r\n" + long_line + b"\r\nafter\r\n"
+    assert send(server, "a@sender.test", ["john@example.com", "x@remote.test"], body) == {}
+    [stored] = server.maildir_files("john@example.com")
+    assert stored.read_bytes().endswith(body)  # unchanged
+    [(meta, data)] = b.wait(1)
+    assert meta["to"] == ["x@remote.test"]
+    assert data.endswith(b"Subject: long line\r\n\r\n" + long_line[:998] + b"\r\n " + long_line[998:]
+                         + b"\r\nafter\r\n")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    assert re.search(r"relay-folded queue=\w+ relay=127\.0\.0\.1 limit=998 folds=1\b", server.output())
+
+
+def test_e2e_deliveries_leave_from_relay_host_bind_address(twistd, up_backend, tmp_path):
+    b = up_backend
+    server = twistd("--relay-host", f"127.0.0.1:{b.port}",
+                    config=relay_config(tmp_path, RelayHostBindAddress="127.0.0.4"))
+    assert send(server, "john@example.com", ["x@remote.test"], b"Subject: from .4\r\n\r\nhi\r\n") == {}
+    [(meta, _)] = b.wait(1)
+    assert meta["peer"] == "127.0.0.4"
 
 
 def test_e2e_backend_down_then_up_retries(twistd, backend, tmp_path):

@@ -107,6 +107,8 @@ def test_submission_without_tls_warns(tmp_path):
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert any("--submission without --tls-cert" in e.get("log_format", "") for e in events)
+    # CRAM-MD5 is off by default: nothing at all can authenticate there.
+    assert any("no one can authenticate there" in e.get("log_format", "") for e in events)
 
 
 def test_open_relay_group_refuses_to_start(tmp_path):

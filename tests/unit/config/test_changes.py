@@ -99,5 +99,13 @@ def test_in_gateway_mode_a_new_domain_waits_for_a_restart(cfg):
     assert diff(cfg(), cfg(body=domain2)).restart == ()
 
 
+def test_the_relay_source_address_waits_for_a_restart(cfg):
+    """The relay queue's connector is built once: RelayHostBindAddress
+    (like GatewayBindAddress, which the queue also uses) is pinned."""
+    old, new = cfg(), cfg({"RelayHostBindAddress": "127.0.0.5"})
+    assert diff(old, new).restart == ("RelayHostBindAddress",)
+    assert pinned(new, old).relay_source_address == ""
+
+
 def test_restart_only_names_are_settings():
     assert RESTART_ONLY <= {s.name for s in SCALARS}

@@ -113,3 +113,34 @@ def test_build_gateway_explicit_backend_and_domains():
     config, _ = _load({"GatewayEnabled": "1", "GatewayBackend": "backend.example.com:25"})
     gateway = build_gateway(config, {"relay-host": "10.0.0.1:25"}, _Reactor())
     assert isinstance(gateway.pool.endpoint, endpoints.HostnameEndpoint)
+
+
+@pytest.mark.parametrize("variables, source", [
+    ({}, ""),  # the system chooses
+    ({"GatewayBindAddress": "127.0.0.2"}, ""),  # not in gateway mode
+    ({"GatewayEnabled": "1", "GatewayBindAddress": "127.0.0.2"}, "127.0.0.2"),  # one address for the back-end
+    ({"GatewayEnabled": "1", "GatewayBindAddress": "127.0.0.2", "RelayHostBindAddress": "127.0.0.5"}, "127.0.0.5"),
+    ({"RelayHostBindAddress": " ::1 "}, "::1"),
+])
+def test_relay_queue_source_address(variables, source):
+    config, problems = _load(variables)
+    assert not problems
+    assert config.relay_source_address == source
+
+
+def test_relay_bind_address_must_be_an_address():
+    _, problems = _load({"RelayHostBindAddress": "gw.example.com"})
+    assert [p.message for p in problems if p.is_error] == [
+        'variable "RelayHostBindAddress": expected an IP address, got "gw.example.com"']
+
+
+def test_the_queue_is_built_with_the_gateway_address(tmp_path):
+    from mailguard.service import build_queue
+
+    config, _ = _load({"GatewayEnabled": "1", "GatewayBindAddress": "127.0.0.2"})
+    reactor = MemoryReactorClock()
+    queue = build_queue(config, {"relay-host": "127.0.0.1:2526"}, reactor, str(tmp_path), None)
+    assert queue.bind_address == "127.0.0.2"
+    queue._hop.connect(object())  # a factory stand-in: the endpoint only records it
+    reactor.advance(0)
+    assert reactor.tcpClients[0][4] == ("127.0.0.2", 0)

@@ -65,8 +65,22 @@ class _Greeting:
 ])
 def test_auth_mechanisms(listener, tls, plaintext, expected):
     session = Session("127.0.0.3", 1, listener, tls=tls)
-    assert auth_mechanisms(session, _Passwords(plaintext)) == expected
-    assert auth_mechanisms(session, None) == []
+    assert auth_mechanisms(session, _Passwords(plaintext), cram_md5=True) == expected
+    assert auth_mechanisms(session, None, cram_md5=True) == []
+
+
+@pytest.mark.parametrize("listener, tls, expected", [
+    ("smtp", False, []),  # no AUTH at all before TLS
+    ("submission", False, []),
+    ("smtp", True, ["PLAIN", "LOGIN"]),
+    ("smtps", True, ["PLAIN", "LOGIN"]),
+])
+def test_cram_md5_is_off_by_default(listener, tls, expected):
+    """SmtpAuthCramMd5Enabled=0 (the default): never CRAM-MD5, even where
+    every user has a plain-text (or D3S:) password."""
+    session = Session("127.0.0.3", 1, listener, tls=tls)
+    assert auth_mechanisms(session, _Passwords(True)) == expected
+    assert auth_mechanisms(session, _Passwords(True), cram_md5=False) == expected
 
 
 @pytest.mark.parametrize("listener, authenticated, expected", [

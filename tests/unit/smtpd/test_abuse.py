@@ -15,7 +15,7 @@ from mailguard import replies as R
 from mailguard.smtpd.protocol import INPUT_HOLD_MAX
 from mailguard.smtpd.session import OUTPUT_BATCH_MAX
 from mailguard.testing import TLSStringTransport, connect
-from tests.helpers_context import maildir_messages, make_context
+from tests.helpers_context import CRAM_MD5, maildir_messages, make_context
 from tests.unit.smtpd.test_auth_tls import TLS, plain, tls_session
 from tests.unit.smtpd.test_protocol import JOHN, code, ehlo, transaction
 
@@ -119,7 +119,7 @@ def fail_auth(ctx, ip=ATTACKER, password="bad") -> bytes:
 
 
 def test_auth_brute_force_across_connections_is_locked_out(tmp_path):
-    ctx = make_context(tmp_path, {"SmtpMaxAuthFailuresPerIp": "3"}, tls=TLS)
+    ctx = make_context(tmp_path, {**CRAM_MD5, **{"SmtpMaxAuthFailuresPerIp": "3"}}, tls=TLS)
     for n in range(3):
         assert code(R.AUTH_FAILED) in fail_auth(ctx, password=f"guess{n}").decode()
     s = tls_session(ctx)
@@ -137,7 +137,7 @@ def test_auth_brute_force_across_connections_is_locked_out(tmp_path):
 
 
 def test_auth_lockout_does_not_touch_the_relay_ip_group(tmp_path):
-    ctx = make_context(tmp_path, {"SmtpMaxAuthFailuresPerIp": "2"}, tls=TLS)
+    ctx = make_context(tmp_path, {**CRAM_MD5, **{"SmtpMaxAuthFailuresPerIp": "2"}}, tls=TLS)
     for n in range(4):
         assert code(R.AUTH_FAILED) in fail_auth(ctx, ip=TRUSTED, password=f"guess{n}").decode()
     s = tls_session(ctx, ip=TRUSTED)
@@ -146,7 +146,7 @@ def test_auth_lockout_does_not_touch_the_relay_ip_group(tmp_path):
 
 
 def test_auth_failure_log_escapes_a_hostile_user_name(tmp_path):
-    ctx = make_context(tmp_path, tls=TLS)
+    ctx = make_context(tmp_path, CRAM_MD5, tls=TLS)
     s = tls_session(ctx)
     s.cmd("AUTH PLAIN " + plain("x\t127.0.0.9\tforged\njohn", "bad"))
     lines = open(ctx.security_log.path).read() if seclog(ctx) else ""
@@ -281,19 +281,19 @@ def logged_in(ctx, ip=ATTACKER):
     ("", "250 2.1.0"),  # the null sender
 ])
 def test_sender_must_match_login(tmp_path, sender, reply):
-    ctx = make_context(tmp_path, tls=TLS)
+    ctx = make_context(tmp_path, CRAM_MD5, tls=TLS)
     s = logged_in(ctx)
     assert s.codes(s.cmd(f"MAIL FROM:<{sender}>")) == [reply]
 
 
 def test_sender_login_match_can_be_turned_off(tmp_path):
-    ctx = make_context(tmp_path, {"SmtpSenderLoginMatch": "0"}, tls=TLS)
+    ctx = make_context(tmp_path, {**CRAM_MD5, **{"SmtpSenderLoginMatch": "0"}}, tls=TLS)
     s = logged_in(ctx)
     assert s.codes(s.cmd("MAIL FROM:<jane@example.com>")) == ["250 2.1.0"]
 
 
 def test_sender_login_match_leaves_the_relay_ip_group_alone(tmp_path):
-    ctx = make_context(tmp_path, tls=TLS)
+    ctx = make_context(tmp_path, CRAM_MD5, tls=TLS)
     s = logged_in(ctx, ip=TRUSTED)
     assert s.codes(s.cmd("MAIL FROM:<jane@example.com>")) == ["250 2.1.0"]
 
@@ -396,7 +396,7 @@ def test_auth_guesses_in_flight_when_the_lock_out_begins_get_no_answer(tmp_path)
     """Parallel connections all past the lock-out check: only the guesses
     answered before it began are answered; the others learn nothing, the
     right password included."""
-    ctx = make_context(tmp_path, {"SmtpMaxAuthFailuresPerIp": "2"}, tls=TLS)
+    ctx = make_context(tmp_path, {**CRAM_MD5, **{"SmtpMaxAuthFailuresPerIp": "2"}}, tls=TLS)
     ctx.run_blocking = checks = HeldChecks()
     sessions = [tls_session(ctx) for _ in range(5)]
     for n, s in enumerate(sessions):

@@ -30,7 +30,7 @@ from mailguard.tap import Options
 from tests.certs import make_certs
 from tests.conftest import free_port, wait_for_port
 from mailguard.testing import LogCapture, b64, connect
-from tests.helpers_context import USERS, maildir_messages, make_context, write_config
+from tests.helpers_context import CRAM_MD5, USERS, maildir_messages, make_context, write_config
 
 TLS = object()  # stand-in TLS context: TLSStringTransport only records it
 JOHN = "john@example.com"
@@ -43,8 +43,9 @@ def code(reply: R.Reply) -> str:
 
 @pytest.fixture
 def ctx(tmp_path):
-    """TLS configured: sessions on the fake TLS transport can STARTTLS."""
-    return make_context(tmp_path, tls=TLS)
+    """TLS configured: sessions on the fake TLS transport can STARTTLS;
+    CRAM-MD5 turned on (SmtpAuthCramMd5Enabled=1)."""
+    return make_context(tmp_path, CRAM_MD5, tls=TLS)
 
 
 def tls_session(ctx, listener="smtp", ip="127.0.0.3"):
@@ -100,7 +101,7 @@ def test_plain_and_login_refused_before_tls(ctx):
 
 def test_cram_md5_not_offered_without_plaintext_passwords(tmp_path):
     sha_only = [(n, d, p if p.startswith("SHA:") else make_sha_password(p), e) for n, d, p, e in USERS]
-    ctx = make_context(tmp_path, users=sha_only, tls=TLS)
+    ctx = make_context(tmp_path, CRAM_MD5, users=sha_only, tls=TLS)
     s = connect(ctx)
     s.take()  # the greeting
     out = s.cmd("EHLO client.test")
@@ -233,8 +234,11 @@ def test_login_two_steps(ctx):
 def test_login_with_initial_response(ctx):
     s = tls_session(ctx)
     assert s.cmd("AUTH LOGIN " + b64("jane@example.com")) == b"334 UGFzc3dvcmQ6\r\n"
-    assert s.codes(s.cmd(b64("jane-secret"))) == ["235 2.7.0"]
+    with LogCapture() as logs:
+        assert s.codes(s.cmd(b64("jane-secret"))) == ["235 2.7.0"]
     assert s.proto.session.authenticated == "jane@example.com"
+    assert re.search(r"^auth session=\w{12} ip=127\.0\.0\.3 mechanism=LOGIN result=ok user=jane@example\.com$",
+                     logs.text(), re.M)  # the mechanism chosen
 
 
 def test_login_sha_user(ctx):
@@ -271,8 +275,11 @@ def test_cram_md5_success_without_tls(ctx):
     challenge = s.cmd("AUTH CRAM-MD5")
     nonce = base64.b64decode(challenge[4:].strip())
     assert nonce.startswith(b"<") and nonce.endswith(b"@mx.example.com>")
-    assert s.codes(s.cmd(cram_response(challenge, "john", "john-secret"))) == ["235 2.7.0"]
+    with LogCapture() as logs:
+        assert s.codes(s.cmd(cram_response(challenge, "john", "john-secret"))) == ["235 2.7.0"]
     assert s.proto.session.authenticated == JOHN
+    assert re.search(r"^auth session=\w{12} ip=127\.0\.0\.3 mechanism=CRAM-MD5 result=ok user=john@example\.com$",
+                     logs.text(), re.M)
 
 
 def test_cram_md5_challenges_differ(ctx):
@@ -385,7 +392,7 @@ def test_repeated_failures_slow_down_then_close(ctx):
 
 
 def test_auth_failure_limit_is_a_setting(tmp_path):
-    ctx = make_context(tmp_path, {"SmtpMaxAuthFailures": "2"}, tls=TLS)
+    ctx = make_context(tmp_path, {"SmtpMaxAuthFailures": "2", **CRAM_MD5}, tls=TLS)
     s = tls_session(ctx)
     assert_failed_after_delay(s, ctx, 1, s.cmd("AUTH PLAIN " + plain(JOHN, "bad1")))
     assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "bad2"))) == ["421 4.7.0"] and s.closed
@@ -501,7 +508,7 @@ def test_authenticated_client_may_relay(ctx):
 
 
 def test_auth_does_not_grant_relay_when_disabled(tmp_path):
-    ctx = make_context(tmp_path, {"RelayControlAuthEnabled": "0"}, tls=TLS)
+    ctx = make_context(tmp_path, {"RelayControlAuthEnabled": "0", **CRAM_MD5}, tls=TLS)
     s = tls_session(ctx)
     assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == ["235 2.7.0"]
     s.cmd("MAIL FROM:<john@example.com>")
@@ -541,7 +548,7 @@ def test_starttls_forgets_authentication(ctx):
 @pytest.fixture
 def tls_server(twistd, tmp_path):
     certs = make_certs(tmp_path / "certs")
-    cfg = write_config(tmp_path / "mailserver.cfg")
+    cfg = write_config(tmp_path / "mailserver.cfg", CRAM_MD5)
     smtps, submission = free_port(), free_port()
     server = twistd("--tls-cert", certs.cert, "--tls-key", certs.key,
                     "--smtps", f"tcp:{smtps}:interface=127.0.0.1",
@@ -692,3 +699,53 @@ def test_tls_context_is_tls_1_2_or_newer(tmp_path):
     for old in ("OP_NO_SSLv2", "OP_NO_SSLv3", "OP_NO_TLSv1", "OP_NO_TLSv1_1"):
         flag = getattr(SSL, old, 0)
         assert options & flag == flag, old
+
+
+# --- CRAM-MD5 off (SmtpAuthCramMd5Enabled=0, the default) ------------------------------
+
+
+@pytest.fixture
+def default_ctx(tmp_path):
+    """The default: TLS configured, CRAM-MD5 off, users with plain-text
+    and SHA: passwords."""
+    return make_context(tmp_path, tls=TLS)
+
+
+@pytest.mark.parametrize("listener", ["smtp", "submission"])
+def test_default_offers_no_auth_before_tls(default_ctx, listener):
+    """Postfix's SASL client and Twisted's ESMTPSenderFactory take CRAM-MD5
+    whenever it is offered: with it off, nothing is offered in plain text."""
+    s = connect(default_ctx, listener=listener)
+    s.take()  # the greeting
+    out = s.cmd("EHLO client.test")
+    assert b"AUTH" not in out and b"250-STARTTLS\r\n" in out
+    assert s.codes(s.cmd("AUTH CRAM-MD5")) == [code(R.AUTH_MECHANISM_UNKNOWN)] == ["504 5.5.4"]
+    assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == ["538 5.7.11"]
+    assert s.proto.session.authenticated is None
+
+
+def test_default_offers_plain_and_login_after_starttls(default_ctx):
+    s = connect(default_ctx)
+    s.take()  # the greeting
+    s.cmd("EHLO client.test")
+    s.cmd("STARTTLS")
+    assert b"250-AUTH PLAIN LOGIN\r\n" in s.cmd("EHLO client.test")
+    assert s.codes(s.cmd("AUTH CRAM-MD5")) == ["504 5.5.4"]  # not after TLS either
+    assert s.codes(s.cmd("AUTH PLAIN " + plain(JOHN, "john-secret"))) == ["235 2.7.0"]
+
+
+def test_default_smtps_offers_plain_and_login_only(default_ctx):
+    s = connect(default_ctx, listener="smtps")
+    s.take()  # the greeting
+    assert b"250-AUTH PLAIN LOGIN\r\n" in s.cmd("EHLO client.test")
+
+
+def test_default_refused_cram_md5_is_not_an_auth_failure(default_ctx):
+    """A 504 for an unoffered mechanism is a client error, not a failed
+    login: it does not count toward SmtpMaxAuthFailures or slow down."""
+    s = connect(default_ctx)
+    s.take()  # the greeting
+    s.cmd("EHLO client.test")
+    for _ in range(3):
+        assert s.codes(s.cmd("AUTH CRAM-MD5")) == ["504 5.5.4"]
+    assert s.proto.smtp.auth_failures == 0

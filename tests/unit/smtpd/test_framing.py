@@ -1,6 +1,6 @@
 """Framing on bytes alone: command lines and their limits, the DATA stream
-(bare CR/LF, dot-stuffing, the terminating dot, size and line limits), at
-every split of the input into reads."""
+(bare CR/LF, dot-stuffing, the terminating dot, the size limit, lines of
+any length), at every split of the input into reads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mailguard.smtpd.framing import (
     END_OF_DATA,
     LINE_TOO_LONG,
     MESSAGE_TOO_BIG,
-    TEXT_LINE_TOO_LONG,
+    PARTIAL_LINE_MAX,
     CommandReader,
     DataReader,
 )
@@ -36,9 +36,9 @@ def lines_of(reader: CommandReader, chunks, auth=False) -> list:
     return out
 
 
-def data_of(chunks, max_size=0, line_max=1000):
+def data_of(chunks, max_size=0):
     """(stored bytes, events, bytes after the message) for DATA fed in C{chunks}."""
-    reader = DataReader(max_size, line_max)
+    reader = DataReader(max_size)
     body, events, buf = [], [], b""
     chunks = list(chunks)
     while chunks:
@@ -179,10 +179,10 @@ def test_bare_cr_or_lf_is_refused_at_every_split(attack):
 
 
 def test_bare_cr_in_a_line_too_long_to_wait_for():
-    assert data_of([b"a" * 500 + b"\r" + b"b" * 600])[1] == [BARE_LINE_ENDING]
+    assert data_of([b"a" * 500 + b"\r" + b"b" * PARTIAL_LINE_MAX])[1] == [BARE_LINE_ENDING]
 
 
-# --- DATA: limits --------------------------------------------------------------------------
+# --- DATA: lines of any length, the size limit -------------------------------------------
 
 @pytest.mark.parametrize("stream, stored", [
     (b"x" * 998 + b"\r\n.\r\n", b"x" * 998 + b"\r\n"),
@@ -193,25 +193,64 @@ def test_text_line_of_998_octets_at_every_split(stream, stored):
         assert data_of(chunks) == (stored, [END_OF_DATA], b""), chunks
 
 
-@pytest.mark.parametrize("stream, failure", [
-    (b"x" * 999 + b"\r\n.\r\n", TEXT_LINE_TOO_LONG),
-    (b"x" * 999 + b"\r\nRSET\r\nQUIT\r\n.\r\n", TEXT_LINE_TOO_LONG),  # stays in DATA
-    (b"y" * 14000 + b"\r\nQUIT\r\n" + b"x" * 300 + b"\r\n.\r\n", TEXT_LINE_TOO_LONG),
+@pytest.mark.parametrize("stream, stored", [
+    (b"x" * 999 + b"\r\n.\r\n", b"x" * 999 + b"\r\n"),
+    (b"x" * 1200 + b"\r\nRSET\r\nQUIT\r\n.\r\n", b"x" * 1200 + b"\r\nRSET\r\nQUIT\r\n"),  # stays in DATA
+    (b"y" * 14000 + b"\r\nQUIT\r\n" + b"x" * 300 + b"\r\n.\r\n", b"y" * 14000 + b"\r\nQUIT\r\n" + b"x" * 300 + b"\r\n"),
+    (b".." + b"z" * 9000 + b"\r\n..\r\n.\r\n", b"." + b"z" * 9000 + b"\r\n.\r\n"),  # stuffed long line
 ])
-def test_text_line_limit_at_every_split(stream, failure):
+def test_long_lines_are_stored_unchanged_at_every_split(stream, stored):
+    """The 1000-octet rule is gone: a long line is message text like any
+    other, and what follows it is message text too, up to the final dot."""
     for chunks in splits(stream):
-        body, events, rest = data_of(chunks)
-        assert (body, events, rest) == (b"", [failure, END_OF_DATA], b""), chunks
+        assert data_of(chunks) == (stored, [END_OF_DATA], b""), [len(c) for c in chunks]
 
 
 def test_a_failed_message_is_read_to_its_end_and_stores_nothing_more():
-    body, events, rest = data_of([b"ok\r\n", b"x" * 1200, b"tail\r\nmore\r\n.\r\nNOOP\r\n"])
-    assert (body, events, rest) == (b"ok\r\n", [TEXT_LINE_TOO_LONG, END_OF_DATA], b"NOOP\r\n")
+    body, events, rest = data_of([b"ok\r\n", b"x" * 1200, b"tail\r\nmore\r\n.\r\nNOOP\r\n"], max_size=100)
+    assert (body, events, rest) == (b"ok\r\n", [MESSAGE_TOO_BIG, END_OF_DATA], b"NOOP\r\n")
 
 
 def test_no_line_limit():
     line = b"x" * 100000 + b"\r\n"
-    assert data_of([line[:50000], line[50000:] + b".\r\n"], line_max=None) == (line, [END_OF_DATA], b"")
+    assert data_of([line[:50000], line[50000:] + b".\r\n"]) == (line, [END_OF_DATA], b"")
+
+
+def test_a_long_partial_line_is_taken_before_its_end():
+    """Memory stays bounded without a line limit: a partial line of
+    PARTIAL_LINE_MAX octets is message bytes at once; a final CR waits,
+    as it may start the CRLF; a dot at the line start is unstuffed."""
+    reader = DataReader(0)
+    assert reader.read(b"x" * (PARTIAL_LINE_MAX - 1)) == (None, b"x" * (PARTIAL_LINE_MAX - 1))
+    assert reader.read(b"x" * PARTIAL_LINE_MAX) == (b"x" * PARTIAL_LINE_MAX, b"")
+    assert reader.read(b"y" * PARTIAL_LINE_MAX + b"\r") == (b"y" * PARTIAL_LINE_MAX, b"\r")
+    assert reader.read(b"\r\n." + b"z" * PARTIAL_LINE_MAX) == (b"\r\n", b"." + b"z" * PARTIAL_LINE_MAX)
+    assert reader.read(b"." + b"z" * PARTIAL_LINE_MAX) == (b"z" * PARTIAL_LINE_MAX, b"")
+    assert reader.read(b"\r\n.\r\n") == (b"\r\n", b".\r\n")
+    assert reader.read(b".\r\n") == (END_OF_DATA, b"")
+    assert reader.size == 3 * PARTIAL_LINE_MAX + 4
+
+
+def test_a_long_line_counts_toward_the_size_limit_as_it_arrives():
+    reader = DataReader(PARTIAL_LINE_MAX + 10)
+    assert reader.read(b"x" * PARTIAL_LINE_MAX) == (b"x" * PARTIAL_LINE_MAX, b"")
+    assert reader.read(b"x" * PARTIAL_LINE_MAX) == (MESSAGE_TOO_BIG, b"")
+    assert reader.read(b"x" * PARTIAL_LINE_MAX) == (None, b"")  # read on, store nothing
+    assert reader.read(b"\r\n.\r\nNOOP\r\n") == (END_OF_DATA, b"NOOP\r\n")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(st.tuples(st.sampled_from([b"", b".", b".."]), st.integers(0, 3 * PARTIAL_LINE_MAX)).map(
+        lambda t: t[0] + b"L" * t[1]), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=4 * PARTIAL_LINE_MAX), max_size=6),
+)
+def test_long_lines_round_trip_any_chunking(lines, cuts):
+    stream = stuffed(lines) + b".\r\nNOOP\r\n"
+    body = b"".join(line + b"\r\n" for line in lines)
+    points = sorted({c for c in cuts if c < len(stream)})
+    chunks = [stream[a:b] for a, b in zip([0] + points, points + [len(stream)])]
+    assert data_of(chunks) == (body, [END_OF_DATA], b"NOOP\r\n")
 
 
 @pytest.mark.parametrize("lines, failure", [(20, None), (21, MESSAGE_TOO_BIG)])

@@ -25,8 +25,9 @@ from zope.interface import implementer
 from mailguard import replies as R
 from mailguard.interfaces import IRecipientPolicy
 from mailguard.policy.decide import RecipientVerdict
+from mailguard.smtpd.framing import PARTIAL_LINE_MAX
 from mailguard.testing import LogCapture, connect
-from tests.helpers_context import body_of, maildir_messages, make_context
+from tests.helpers_context import CRAM_MD5, body_of, maildir_messages, make_context
 
 JOHN = "john@example.com"
 SENTINEL_TLS = object()  # a stand-in TLS context: the fake transport only records it
@@ -64,7 +65,8 @@ def ext_lines(out: bytes) -> list[str]:
 # --- greeting, EHLO, HELO, HELP ---------------------------------------------------
 
 
-def test_ehlo_lists_the_seed_extensions_in_order(ctx):
+def test_ehlo_lists_the_seed_extensions_in_order(tmp_path):
+    ctx = make_context(tmp_path, CRAM_MD5)
     s = connect(ctx)
     s.take()  # the greeting
     out = s.cmd("EHLO client.test")
@@ -75,7 +77,7 @@ def test_ehlo_lists_the_seed_extensions_in_order(ctx):
 
 
 def test_ehlo_with_tls_offers_starttls(tmp_path):
-    ctx = make_context(tmp_path, tls=SENTINEL_TLS)
+    ctx = make_context(tmp_path, CRAM_MD5, tls=SENTINEL_TLS)
     s = connect(ctx)
     s.take()  # the greeting
     assert ext_lines(s.cmd("EHLO client.test")) == [
@@ -100,7 +102,7 @@ def test_ehlo_without_vrfy(tmp_path):
 
 
 def test_ehlo_without_password_checker_offers_no_auth(tmp_path):
-    ctx = make_context(tmp_path, passwords=False)
+    ctx = make_context(tmp_path, CRAM_MD5, passwords=False)
     s = connect(ctx)
     s.take()  # the greeting
     assert not any(e.startswith("AUTH") for e in ext_lines(s.cmd("EHLO client.test")))
@@ -120,14 +122,22 @@ def test_ehlo_and_helo_need_a_domain(ctx):
     assert s.codes(s.cmd("HELO")) == ["501 5.5.4"]
 
 
-def test_help_is_214_and_lists_only_working_commands(ctx):
-    s = connect(ctx)
+def test_help_is_214_and_lists_only_working_commands(tmp_path):
+    s = connect(make_context(tmp_path, CRAM_MD5))
     s.take()  # the greeting
     out = s.cmd("HELP")
     assert out.startswith(b"214 2.0.0 ")
     words = out.decode().split()
     assert "BDAT" not in words and "ETRN" not in words and "STARTTLS" not in words
     assert {"EHLO", "MAIL", "RCPT", "DATA", "VRFY", "AUTH"} <= set(words)
+
+
+def test_help_lists_no_auth_where_no_mechanism_is_offered(ctx):
+    """The default (no CRAM-MD5) offers no mechanism before TLS."""
+    s = connect(ctx)
+    s.take()  # the greeting
+    words = s.cmd("HELP").decode().split()
+    assert "AUTH" not in words and {"EHLO", "MAIL", "VRFY"} <= set(words)
 
 
 def test_no_software_name_anywhere(ctx):
@@ -426,27 +436,31 @@ def test_stuffed_998_octet_line_waiting_for_its_lf(ctx):
     assert s.codes(s.send("\n.\r\n")) == ["250 2.0.0"]
 
 
-def test_999_octet_line_waiting_for_its_lf_is_refused(ctx):
+def test_999_octet_line_waiting_for_its_lf_is_accepted(ctx):
     s = ehlo(ctx)
     transaction(s)
     assert s.send("x" * 999 + "\r") == b""
-    assert s.codes(s.send("\n.\r\n")) == ["500 5.5.2"]
+    assert s.codes(s.send("\n.\r\n")) == ["250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == b"x" * 999 + b"\r\n"
 
 
-def test_data_line_of_999_octets_is_refused_and_data_goes_on(ctx):
-    """The over-long line does not drop the session into command mode: the
-    lines after it are message text, not commands, up to the final dot."""
+def test_long_data_line_is_stored_and_data_goes_on(ctx):
+    """A line over 1000 octets is accepted and stored unchanged (as Postfix
+    and Exim accept it), and it does not drop the session into command
+    mode: the lines after it are message text, not commands, up to the
+    final dot."""
     s = ehlo(ctx)
     transaction(s)
-    out = s.send("x" * 999 + "\r\nRSET\r\nMAIL FROM:<evil@b.test>\r\nQUIT\r\n")
+    text = "x" * 1200 + "\r\nRSET\r\nMAIL FROM:<evil@b.test>\r\nQUIT\r\n"
+    out = s.send(text)
     assert out == b"" and not s.closed
     out = s.send(".\r\n")
-    assert s.codes(out) == [code(R.DATA_LINE_TOO_LONG)] == ["500 5.5.2"]
-    assert maildir_messages(ctx, JOHN) == []
+    assert s.codes(out) == ["250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == text.encode()
     assert s.codes(s.cmd("MAIL FROM:<a@b.test>")) == ["250 2.1.0"]  # the transaction was reset
 
 
-def test_overlong_data_line_in_many_chunks_stays_in_data(ctx):
+def test_long_data_line_in_many_chunks_stays_in_data(ctx):
     s = ehlo(ctx)
     transaction(s)
     out = b""
@@ -456,15 +470,30 @@ def test_overlong_data_line_in_many_chunks_stays_in_data(ctx):
     out += s.send("x" * 300)
     out += s.send("\r\n")
     assert out == b"" and not s.closed
-    assert s.codes(s.send(".\r\nNOOP\r\n")) == ["500 5.5.2", "250 2.0.0"]
+    assert s.codes(s.send(".\r\nNOOP\r\n")) == ["250 2.0.0", "250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == b"y" * 14000 + b"\r\nQUIT\r\n" + b"x" * 300 + b"\r\n"
 
 
-def test_overlong_data_line_then_end_marker_in_later_chunks(ctx):
+def test_a_long_line_without_end_is_bounded_by_the_message_size(small):
+    """No line limit, but no unbounded buffer either: an endless line is
+    written as it comes and fails at MaxMessageSize; the session reads on
+    to the final dot."""
+    s = ehlo(small)
+    transaction(s)
+    for _ in range(10):
+        assert s.send("z" * 10000) == b""
+        assert s.proto.smtp.buffered < 10000 + PARTIAL_LINE_MAX
+    assert s.codes(s.send("\r\n.\r\n")) == ["552 5.3.4"]
+    assert maildir_messages(small, JOHN) == []
+
+
+def test_long_data_line_then_end_marker_in_later_chunks(ctx):
     s = ehlo(ctx)
     transaction(s)
     s.send("y" * 1500)
     s.send("tail\r\n")
-    assert s.codes(s.send(".\r\n")) == ["500 5.5.2"]
+    assert s.codes(s.send(".\r\n")) == ["250 2.0.0"]
+    assert body_of(maildir_messages(ctx, JOHN)[0]) == b"y" * 1500 + b"tail\r\n"
 
 
 # --- SMTP smuggling: one test per attack ------------------------------------------------
@@ -524,9 +553,10 @@ def test_smuggling_byte_by_byte(ctx):
 
 
 def test_smuggling_bare_cr_in_an_overlong_line(ctx):
+    """A bare CR in a line long enough to be taken before its end."""
     s = ehlo(ctx)
     transaction(s)
-    out = s.send("a" * 500 + "\r" + "b" * 600)
+    out = s.send("a" * 500 + "\r" + "b" * PARTIAL_LINE_MAX)
     assert s.codes(out) == ["554 5.6.0"] and s.closed
     assert maildir_messages(ctx, JOHN) == []
 
@@ -547,6 +577,15 @@ def test_data_needs_mail_and_rcpt(ctx):
     assert s.codes(s.cmd("DATA")) == ["503 5.5.1"]
     s.cmd("MAIL FROM:<a@b.test>")
     assert s.codes(s.cmd("DATA")) == ["503 5.5.1"]
+
+
+def test_data_before_mail_and_before_rcpt_say_what_is_missing(ctx):
+    """Each says what to send first (it once said "Need MAIL before RCPT")."""
+    s = ehlo(ctx)
+    assert s.cmd("DATA") == R.NEED_MAIL_BEFORE_DATA.to_bytes() == b"503 5.5.1 Need MAIL before DATA\r\n"
+    assert s.cmd(f"RCPT TO:<{JOHN}>") == b"503 5.5.1 Need MAIL before RCPT\r\n"
+    s.cmd("MAIL FROM:<a@b.test>")
+    assert s.cmd("DATA") == b"503 5.5.1 Need RCPT before DATA\r\n"
 
 
 def test_data_with_argument_refused(ctx):
@@ -754,7 +793,7 @@ def test_idle_timeout_421(tmp_path):
 
 @pytest.fixture
 def tctx(tmp_path):
-    return make_context(tmp_path, tls=SENTINEL_TLS)
+    return make_context(tmp_path, CRAM_MD5, tls=SENTINEL_TLS)
 
 
 def starttls(s, pipelined: str = "") -> bytes:

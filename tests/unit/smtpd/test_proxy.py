@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from tests.conftest import free_port, write_config
 
 
-def _talk(port: int, proxy_line: bytes, commands: list[bytes]) -> list[bytes]:
+def _talk(port: int, proxy_line: bytes, commands: list[bytes], source: str = "127.0.0.1") -> list[bytes]:
     """Send the PROXY header, then each command, reading one reply each."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as s:
         s.sendall(proxy_line)
         f = s.makefile("rb")
 
@@ -44,6 +46,20 @@ def test_proxied_address_decides_trust(twistd, tmp_path):
                       b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<x@elsewhere.test>\r\n"])
     assert stranger[2] == b"252 2.1.5 Verification not supported\r\n"
     assert stranger[4].startswith(b"554 5.7.1 ")
+
+
+def test_proxy_unknown_decides_on_the_load_balancers_address(twistd, tmp_path):
+    """PROXY UNKNOWN: the real peer decides.  From 127.0.0.2 (trusted) VRFY
+    answers; from 127.0.0.3 it is withheld."""
+    port = free_port()
+    server = twistd("--smtp", f"haproxy:tcp:{port}:interface=127.0.0.1",
+                    config=write_config(tmp_path / "mailserver.cfg"), port=port)
+    trusted = _talk(server.port, b"PROXY UNKNOWN\r\n",
+                    [b"EHLO lb.test\r\n", b"VRFY john@example.com\r\n"], source="127.0.0.2")
+    assert trusted[0].startswith(b"220 ") and trusted[2] == b"250 2.1.5 <john@example.com>\r\n"
+    other = _talk(server.port, b"PROXY UNKNOWN\r\n",
+                  [b"EHLO lb.test\r\n", b"VRFY john@example.com\r\n"], source="127.0.0.3")
+    assert other[2] == b"252 2.1.5 Verification not supported\r\n"
 
 
 def test_proxied_address_decides_the_greeting_delay(twistd, tmp_path):
@@ -110,6 +126,54 @@ def test_no_header_closes_after_the_timeout(tmp_path):
 def test_invalid_header_closes_without_a_session(tmp_path):
     proto, transport, clock = _proxied(tmp_path)
     proto.dataReceived(b"EHLO not-a-proxy\r\n")
+    assert transport.disconnecting and transport.value() == b""
+    proto.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_proxy_unknown_uses_the_real_addresses(tmp_path):
+    """PROXY UNKNOWN (v1) names no client: the session starts with the
+    connection's own peer (the load balancer), as the PROXY spec says.
+    Twisted's parser alone refuses the bare form and closes."""
+    proto, transport, clock = _proxied(tmp_path)
+    proto.dataReceived(b"PROXY UNKNOWN\r\nEHLO lb.test\r\n")
+    lines = transport.value().splitlines()
+    assert not transport.disconnecting
+    assert lines[0].startswith(b"220 ") and lines[1] == b"250-mx.example.com"
+    assert proto.wrappedProtocol.session.client_ip == "127.0.0.1"
+    assert proto.getPeer() == IPv4Address("TCP", "127.0.0.1", 1234)
+    proto.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_proxy_unknown_with_addresses_ignores_them(tmp_path):
+    proto, transport, _ = _proxied(tmp_path)
+    proto.dataReceived(b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n")
+    assert transport.value().startswith(b"220 ") and not transport.disconnecting
+    assert proto.wrappedProtocol.session.client_ip == "127.0.0.1"
+
+
+def test_proxy_unknown_split_across_reads(tmp_path):
+    proto, transport, _ = _proxied(tmp_path)
+    proto.dataReceived(b"PROXY UN")
+    assert transport.value() == b""
+    proto.dataReceived(b"KNOWN\r\n")
+    assert transport.value().startswith(b"220 ")
+    assert proto.wrappedProtocol.session.client_ip == "127.0.0.1"
+
+
+def test_proxy_v2_local_uses_the_real_addresses(tmp_path):
+    proto, transport, _ = _proxied(tmp_path)
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    proto.dataReceived(signature + b"\x20\x00\x00\x00")  # version 2, LOCAL, no addresses
+    assert transport.value().startswith(b"220 ") and not transport.disconnecting
+    assert proto.wrappedProtocol.session.client_ip == "127.0.0.1"
+
+
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWNX\r\n", b"PROXY TCP4\r\n", b"PROXY\r\n\r\n"])
+def test_malformed_v1_headers_still_close(tmp_path, header):
+    proto, transport, clock = _proxied(tmp_path)
+    proto.dataReceived(header)
     assert transport.disconnecting and transport.value() == b""
     proto.connectionLost(None)
     assert clock.getDelayedCalls() == []

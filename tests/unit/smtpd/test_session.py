@@ -16,7 +16,7 @@ from mailguard.smtpd import events as E
 from mailguard.smtpd.sasl import PlainCredentials
 from mailguard.smtpd.session import JUNK_COMMAND_LIMIT, ServerSession
 from mailguard.testing import b64
-from tests.helpers_context import make_context
+from tests.helpers_context import CRAM_MD5, make_context
 
 JOHN = "john@example.com"
 TLS = object()  # a stand-in TLS context
@@ -57,7 +57,7 @@ def accept(address=JOHN) -> RecipientVerdict:
 
 @pytest.fixture
 def ctx(tmp_path):
-    return make_context(tmp_path, tls=TLS)
+    return make_context(tmp_path, CRAM_MD5, tls=TLS)
 
 
 @pytest.fixture
@@ -195,13 +195,25 @@ def test_bare_lf_aborts_and_closes(m):
     assert events(m, b"NOOP\r\n") == [E.CLOSED]
 
 
-def test_an_overlong_line_fails_the_message_once(m):
+def test_a_long_line_is_message_data(m):
+    open_data(m)
+    m.answer(None)
+    events(m)
+    assert events(m, b"x" * 1200 + b"\r\n") == [E.WriteMessage(b"x" * 1200 + b"\r\n"), E.NEED_DATA]
+    assert events(m, b"y" * 1200 + b"\r\n") == [E.WriteMessage(b"y" * 1200 + b"\r\n"), E.NEED_DATA]
+    evs = events(m, b".\r\n")
+    assert isinstance(evs[0], E.CommitMessage)
+
+
+def test_an_oversized_message_fails_once(tmp_path):
+    m = machine(make_context(tmp_path, {"MaxMessageSize": "1000"}))
+    events(m, b"EHLO client.test\r\n")
     open_data(m)
     m.answer(None)
     events(m)
     assert events(m, b"x" * 1200 + b"\r\n") == [E.AbortMessage(), E.NEED_DATA]
     assert events(m, b"y" * 1200 + b"\r\n") == [E.NEED_DATA]
-    assert codes(written(events(m, b".\r\n"))) == ["500 5.5.2"]
+    assert codes(written(events(m, b".\r\n"))) == ["552 5.3.4"]
 
 
 # --- STARTTLS, AUTH ----------------------------------------------------------------------

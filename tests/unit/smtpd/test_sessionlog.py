@@ -214,9 +214,10 @@ def test_the_pass_cache_shows_in_the_connect_line(tmp_path):
 
 
 def test_auth_results_name_the_user_never_the_password(tmp_path):
+    from tests.helpers_context import CRAM_MD5
     from tests.unit.smtpd.test_auth_tls import TLS, plain, tls_session
 
-    ctx = make_context(tmp_path, tls=TLS)
+    ctx = make_context(tmp_path, CRAM_MD5, tls=TLS)  # tls_session expects CRAM-MD5 offered too
     with LogCapture() as logs:
         s = tls_session(ctx)
         s.cmd("AUTH PLAIN " + plain("john@example.com", "wrong-password-xyz"))

@@ -8,6 +8,7 @@ back-end of ``mailguard.testing`` (see ``world.py``).
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,11 +29,12 @@ def test_dot_stuffing_across_chunk_boundaries(world):
 def test_transform_chunk_stuffs_like_rfc5321(lines, cuts):
     """However the file is cut into chunks, the bytes on the wire are the
     RFC 5321 4.5.2 dot-stuffed message."""
+    from mailguard.store.folding import LineFolder
     from mailguard.store.relayclient import RelayClient
 
     message = b"".join(line + b"\r\n" for line in lines)
     client = RelayClient.__new__(RelayClient)
-    client.__dict__.update(_line_start=True)
+    client.__dict__.update(_folder=LineFolder())
     client.resetTimeout = lambda: None
     out, i, k = [], 0, 0
     while i < len(message):
@@ -41,6 +43,23 @@ def test_transform_chunk_stuffs_like_rfc5321(lines, cuts):
         i, k = i + n, k + 1
     expected = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
     assert b"".join(out) == expected
+
+
+def test_long_lines_are_folded_when_forwarded(world):
+    """Stored unchanged, folded on the wire as Postfix's SMTP client folds
+    them (smtp_line_length_limit = 998): CRLF SPACE after 998 octets."""
+    from mailguard.testing import LogCapture
+
+    body = b"Subject: long\r\n\r\n" + b"h" * 1200 + b"\r\n.end\r\n"
+    mid = world.accept(body=body)
+    with LogCapture() as logs:
+        world.run()
+    [tx] = world.net.messages
+    assert tx.data == b"Subject: long\r\n\r\n" + b"h" * 998 + b"\r\n " + b"h" * 202 + b"\r\n.end\r\n"
+    assert max(len(line) for line in tx.data.split(b"\r\n")) == 998
+    from mailguard.store.envelope import queue_id
+
+    assert f"relay-folded queue={queue_id(mid)} relay=relay.test limit=998 folds=1" in logs.text()
 
 
 def test_several_entries_share_a_connection(world):
@@ -98,6 +117,22 @@ def test_data_refused_after_the_dot_bounces_every_recipient(world):
     _, _, _, rcpts = parse_report(bounce.read_bytes())
     assert [r["Final-Recipient"] for r in rcpts] == ["rfc822; x@remote.test", "rfc822; y@remote.test"]
     assert world.active() == []
+
+
+@pytest.mark.parametrize("bind, expected", [("127.0.0.2", ("127.0.0.2", 0)), ("", None)])
+def test_the_relay_connection_leaves_from_the_bind_address(bind, expected):
+    """RelayHostBindAddress (or the gateway's address): the source of the
+    queue's connections to the relay host."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailguard.store.relayclient import endpoint_connector
+
+    reactor = MemoryReactorClock()
+    endpoint_connector(reactor, "127.0.0.1", 2525, 30, bind_address=bind)(Factory.forProtocol(Protocol))
+    reactor.advance(0)
+    [(host, port, _, timeout, source)] = reactor.tcpClients
+    assert (host, port, timeout, source) == ("127.0.0.1", 2525, 30, expected)
 
 
 # --- command injection: defence in depth -----------------------------------------------------
