@@ -25,7 +25,7 @@ __all__ = ["Transaction", "envelope_of", "helo_token", "protocol_type", "trace_h
 
 HELO_MAX = 255  # RFC 5321 4.5.3.1.2: the longest domain name
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")  # no trailing dot: a dot-atom has none
 _ATEXT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+/=?^_`{|}~-")
 _DOTS = re.compile(r"\.{2,}")
 _ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"

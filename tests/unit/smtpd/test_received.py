@@ -110,7 +110,7 @@ def trace_for(helo: str | None, rcpts=("john@example.com",), sender="a@sender.te
 
 @pytest.mark.parametrize("helo, token", [
     ("client.test", "client.test"),
-    ("Client-1.Example.COM.", "Client-1.Example.COM."),
+    ("Client-1.Example.COM.", "Client-1.Example.COM"),  # a dot-atom ends without a dot
     ("[127.0.0.2]", "[127.0.0.2]"),
     ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
     ("a(b", "a?b"),  # the issue's EHLO a(b c)d: its first word
