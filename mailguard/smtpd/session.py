@@ -46,10 +46,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-# Replies to a pipelined group held at most this long before they are
-# written: a client that pipelines megabytes gets its answers in batches,
-# so the adapter can stop reading while they wait to be sent.
-OUTPUT_BATCH_MAX = 16 * 1024
+OUTPUT_BATCH_MAX = 16 * 1024  # replies held for a pipelined group, at most (then written: see flow.py)
 _COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "VRFY", "MAIL",
                        "RCPT", "DATA", "STARTTLS", "AUTH", "ETRN"})
 _DATA_FAILURES = {F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG, F.NUL_CHARACTER: R.NUL_IN_DATA}
@@ -112,10 +109,7 @@ class ServerSession(Budgets, Extensions):
 
     def receive_data(self, data: bytes) -> None:
         if self.mode is not CLOSED:
-            if self._pos:
-                self._buffer, self._pos = self._buffer[self._pos:] + data, 0
-            else:
-                self._buffer += data
+            self._buffer, self._pos = self._buffer[self._pos:] + data, 0  # [0:] is no copy
 
     def next_event(self):
         """The next event, or a signal: L{E.PAUSED}, L{E.NEED_DATA}, L{E.CLOSED}."""
