@@ -228,15 +228,8 @@ class ClientLimits:
     def auth_failed(self, session: Session, config, exempt: Callable[[Session], bool]) -> Limited | None:
         """A failed AUTH: counted against ``SmtpMaxAuthFailuresPerIp``; the
         failure that reaches it starts the lock-out (returned, to log)."""
-        key = client_key(session.client_ip)
-        limit, window = config.max_auth_failures_per_ip, config.per_ip_window
-        if not self.auth.spend(key, limit, window):
-            return None
-        if exempt(session):
-            self.auth.forgive(key)
-            return None
-        return Limited(replies.AUTH_LOCKED_OUT, "auth-lockout",
-                       {"failures": limit, "window": f"{window:g}", "locked": f"{window:g}"})
+        return self._spend(self.auth, session, config.max_auth_failures_per_ip, config.per_ip_window, exempt,
+                           replies.AUTH_LOCKED_OUT, "auth-lockout", "failures")
 
     def auth_failures(self, session: Session, config) -> int:
         """Failed AUTH from the address within ``SmtpPerIpWindow``."""
@@ -246,15 +239,21 @@ class ClientLimits:
         """A client error: counted against ``SmtpMaxErrorsPerIp``; the error
         that reaches it locks the address out (returned: close the
         session)."""
+        return self._spend(self.errors, session, config.max_errors_per_ip, config.per_ip_window, exempt,
+                           replies.TOO_MANY_ERRORS_FROM_IP, "error-limit", "errors")
+
+    @staticmethod
+    def _spend(budget: FailureBudget, session: Session, limit: int, window: float, exempt, reply: Reply,
+               event: str, counted: str) -> Limited | None:
+        """One failure against C{budget}; the lock-out it starts, unless
+        the client is exempt (then forgiven)."""
         key = client_key(session.client_ip)
-        limit, window = config.max_errors_per_ip, config.per_ip_window
-        if not self.errors.spend(key, limit, window):
+        if not budget.spend(key, limit, window):
             return None
         if exempt(session):
-            self.errors.forgive(key)
+            budget.forgive(key)
             return None
-        return Limited(replies.TOO_MANY_ERRORS_FROM_IP, "error-limit",
-                       {"errors": limit, "window": f"{window:g}", "locked": f"{window:g}"})
+        return Limited(reply, event, {counted: limit, "window": f"{window:g}", "locked": f"{window:g}"})
 
 
 class DataDeadline:
