@@ -355,3 +355,23 @@ def test_relay_queue_never_injects_a_command(tmp_path):
     assert envelope["to"] == ["x@remote.test"]  # not injected@evil.test
     _, _, _, rcpts = parse_report(bounce.read_bytes())
     assert [r["Status"] for r in rcpts] == ["5.5.4"]
+
+
+def test_the_fail2ban_jail_and_filter_load(tmp_path):
+    """contrib/fail2ban/ as an administrator installs it: fail2ban reads the
+    jail and the filter (its own configuration beside them)."""
+    import shutil
+
+    conf = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", conf)
+    shutil.copy(ROOT / "contrib" / "fail2ban" / "mailguard.conf", conf / "filter.d" / "mailguard.conf")
+    log = tmp_path / "security.log"
+    log.write_text("")
+    jail = (ROOT / "contrib" / "fail2ban" / "jail.d-mailguard.local").read_text()
+    assert "logpath  = /var/lib/mailguard/security.log" in jail  # the spool of contrib/systemd's unit
+    (conf / "jail.d" / "mailguard.local").write_text(jail.replace("/var/lib/mailguard/security.log", str(log)))
+    dump = subprocess.run(["fail2ban-client", "-c", str(conf), "-d"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "['add', 'mailguard', 'auto']" in dump
+    assert f"['set', 'mailguard', 'addlogpath', '{log}', 'head']" in dump
+    assert "(?:auth-failed|auth-lockout|error-limit)" in dump and "['start', 'mailguard']" in dump
