@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from mailguard import check, queuetool
+from mailguard import check, queuetool, version_line
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mailguard")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print mailguard's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     check.add_command(sub)
     queuetool.add_command(sub)

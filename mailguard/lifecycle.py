@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -49,6 +49,7 @@ from mailguard.config.problems import Problem, errors
 from mailguard.policy.build import build_policies
 from mailguard.smtpd.context import ServerContext
 from mailguard.smtpd.drain import Drain
+from mailguard.smtpd.listener import KINDS, Listener
 from mailguard.store.durable import run_inline
 from mailguard.store.notices import directory_router
 
@@ -104,6 +105,12 @@ class MailguardService(service.MultiService):
         self.drain: Drain | None = None
         self._reloading = False
         self._waiting: list[defer.Deferred] = []  # reloads asked for while one runs
+
+    @property
+    def listeners(self) -> list[Listener]:
+        """The SMTP listeners, in the order they were added (not
+        ``--metrics``: it serves until the rest stops)."""
+        return [s for s in self if isinstance(s, Listener) and s.kind in KINDS]
 
     # -- reload --------------------------------------------------------------------------
     def reload(self) -> defer.Deferred:
@@ -211,7 +218,7 @@ class MailguardService(service.MultiService):
         """Stop listening, drain the sessions, then stop the rest."""
         service.Service.stopService(self)
         children = list(self)
-        listeners = [s for s in children if isinstance(s, internet.StreamServerEndpointService)]
+        listeners = self.listeners
         rest = [s for s in reversed(children) if s not in listeners]
         d = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in listeners])
         self.drain = Drain(self.context.connections, self.clock, self.context.config.shutdown_grace)

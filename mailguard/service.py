@@ -17,7 +17,6 @@ import resource
 from functools import partial
 from typing import Any, Mapping
 
-from twisted.application import internet
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -38,6 +37,7 @@ from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
 from mailguard.smtpd.accept import GuardedEndpoint
+from mailguard.smtpd.listener import KINDS, Listener, listener_values, parse, split_proxy
 from mailguard.smtpd.proxy import ProxyHeaderFactory
 from mailguard.store.control import ControlFactory, control_path
 from mailguard.smtpd.seclog import SecurityLog
@@ -151,13 +151,34 @@ def build_queue(config: Configuration, opts: Mapping[str, Any], reactor, spool: 
     )
 
 
-def _control(top: service.MultiService, reactor, queue: RelayQueue, spool: str) -> None:
+def make_listener(top: MailguardService, kind: str, desc: str, reactor) -> Listener:
+    """The L{Listener} of C{kind} on the endpoint C{desc} (not yet
+    listening); a bad description raises L{ListenError}."""
+    # haproxy:ENDPOINT is handled here, not by Twisted's parser: the
+    # session must start only once the PROXY header names the client
+    # (mailguard.smtpd.proxy).
+    inner, proxied = split_proxy(desc)
+    factory = MailguardFactory(top.context, kind)
+    top.factories.append(factory)  # a reload gives it the new context
+    if kind == "smtps" and not inner.startswith("ssl:"):
+        # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
+        # inside the plain-text PROXY header; the certificate of the
+        # current generation (a reload loads it again).
+        factory = TLSMemoryBIOFactory(tls_mod.CurrentContext(lambda: top.context.tls), False, factory)
+    if proxied:
+        factory = ProxyHeaderFactory(factory, reactor)
+    # A port out of descriptors pauses accepting, aloud once a minute
+    # (mailguard.smtpd.accept), instead of closing connections silently.
+    return Listener(kind, desc, GuardedEndpoint(parse(reactor, kind, desc), reactor), factory)
+
+
+def _control(top: MailguardService, reactor, queue: RelayQueue, spool: str) -> None:
     """The queue's control socket, SPOOL/control (mailguard.store.control)."""
-    endpoint = endpoints.UNIXServerEndpoint(reactor, control_path(spool), mode=0o600, wantPID=True)
-    svc = internet.StreamServerEndpointService(endpoint, ControlFactory(queue))
-    svc._raiseSynchronously = True
-    svc.setName("control")
-    svc.setServiceParent(top)
+    path = control_path(spool)
+    endpoint = endpoints.UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
+    # A Listener, so that twistd mailguard binds it before forking too.
+    Listener("control", path, endpoint, ControlFactory(queue),
+             label=f"--spool {os.path.abspath(spool)}: the queue's control socket").setServiceParent(top)
 
 
 def _metrics(top: MailguardService, reactor, context: ServerContext, description: str) -> None:
@@ -168,18 +189,17 @@ def _metrics(top: MailguardService, reactor, context: ServerContext, description
                                            getattr(context.recipients, "gateway", None),
                                            metrics.on_reactor_of(reactor))
     site = metrics.metrics_site(reactor, metrics.registry_for(collector))
-    svc = internet.StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
-    svc._raiseSynchronously = True
-    svc.setName("metrics")
-    svc.setServiceParent(top)
+    # A Listener, so that twistd mailguard binds it before forking too.
+    Listener("metrics", description, parse(reactor, "metrics", description), site).setServiceParent(top)
     top.metrics = collector
 
 
 def build_service(config: Configuration, options: Mapping[str, Any], reactor,
                   tables: Tables | None = None) -> MailguardService:
-    """The mailguard service: one stream server per configured listener,
-    the relay queue, the gateway; it reloads and stops gracefully
-    (L{mailguard.lifecycle}).
+    """The mailguard service: one L{Listener} per endpoint of each listener
+    kind (C{options["smtp"]} and the others: one description or a list of
+    them; C{top.listeners}), the relay queue, the gateway; it reloads and
+    stops gracefully (L{mailguard.lifecycle}).
 
     @param tables: the IP groups, directory and passwords already built
         from C{config} (by L{mailguard.policy.build.load}); built here if
@@ -198,33 +218,13 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
     context.queue.setServiceParent(top)
     if gateway is not None:  # stopping says QUIT to the back-end
         gateway.setServiceParent(top)
-    for listener in ("smtp", "smtps", "submission"):
-        desc = opts[listener]
-        if not desc:
-            continue
-        # haproxy:ENDPOINT is handled here, not by Twisted's parser: the
-        # session must start only once the PROXY header names the client
-        # (mailguard.smtpd.proxy).
-        proxied = desc.startswith("haproxy:")
-        inner = desc[len("haproxy:"):] if proxied else desc
-        factory = MailguardFactory(context, listener)
-        top.factories.append(factory)  # a reload gives it the new context
-        if listener == "smtps" and not inner.startswith("ssl:"):
-            # Implicit TLS over any stream endpoint (tcp:, haproxy:tcp:...),
-            # inside the plain-text PROXY header; the certificate of the
-            # current generation (a reload loads it again).
-            factory = TLSMemoryBIOFactory(tls_mod.CurrentContext(lambda: top.context.tls), False, factory)
-        if proxied:
-            factory = ProxyHeaderFactory(factory, reactor)
-        endpoint = GuardedEndpoint(endpoints.serverFromString(reactor, inner), reactor)
-        svc = internet.StreamServerEndpointService(endpoint, factory)
-        svc._raiseSynchronously = True
-        svc.setName(listener)
-        svc.setServiceParent(top)
+    for kind in KINDS:
+        for desc in listener_values(opts[kind]):
+            make_listener(top, kind, desc, reactor).setServiceParent(top)
     _control(top, reactor, context.queue, opts["spool"])
     if opts["metrics"]:
         _metrics(top, reactor, context, opts["metrics"])
-    if opts["submission"] and context.tls is None:
+    if listener_values(opts["submission"]) and context.tls is None:
         if config.cram_md5_enabled:
             log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                      "without TLS, so only CRAM-MD5 (plain-text passwords) can authenticate there")

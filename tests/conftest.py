@@ -75,8 +75,10 @@ class Twistd:
         try:
             wait_for_port("127.0.0.1", wait_port or smtp_port, self.proc)
         except RuntimeError:
+            exited = self.proc.poll() is not None and self.proc.stdout is not None
+            said = self.proc.stdout.read().decode(errors="replace") if exited else ""
             self.stop()
-            raise RuntimeError(self.output())
+            raise RuntimeError(self.output() + said)
 
     def output(self) -> str:
         text = ""

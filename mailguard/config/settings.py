@@ -336,6 +336,16 @@ def _load_documents(docs: list[Document], source: str) -> tuple[Configuration | 
     return config, problems
 
 
+def users_file(path: str | None, users_path: str | None = None) -> str | None:
+    """The ``users.cfg`` read with C{path}: C{users_path}, else one beside
+    C{path} if present (SPEC.md), else None."""
+    if users_path is None and path is not None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "users.cfg")
+        if os.path.exists(beside) and os.path.abspath(beside) != os.path.abspath(path):
+            users_path = beside
+    return users_path
+
+
 def read(path: str | None = None, users_path: str | None = None) -> tuple[Configuration | None, list[Problem]]:
     """Read and check the configuration; never raises L{ConfigError}.
 
@@ -348,10 +358,7 @@ def read(path: str | None = None, users_path: str | None = None) -> tuple[Config
             docs.append(kerioxml.parse_bytes(embedded_default(), EMBEDDED_NAME))
         else:
             docs.append(kerioxml.parse_file(path))
-        if users_path is None and path is not None:
-            beside = os.path.join(os.path.dirname(os.path.abspath(path)), "users.cfg")
-            if os.path.exists(beside) and os.path.abspath(beside) != os.path.abspath(path):
-                users_path = beside
+        users_path = users_file(path, users_path)
         if users_path is not None:
             docs.append(kerioxml.parse_file(users_path))
     except ConfigError as e:

@@ -11,6 +11,8 @@ configuration and its tables and returns what it finds as L{Problem}s:
   - error: the relay IP group (``RelayControlIpGroupEnabled=1``) covers all
     of IPv4 or IPv6 or a huge share of the public addresses (L{open_relay})
     and ``RelayControlOpenRelayIntended`` is not 1;
+  - error: gateway mode with no domain to guard (no ``GatewayDomains`` and
+    an empty Domain table);
   - error at start-up, warning in ``check``: gateway mode without a relay
     host (``check`` cannot know ``--relay-host``; it warns unless
     ``GatewayBackend`` is set);
@@ -233,6 +235,14 @@ def _gateway_relay_host(config: Configuration, relay_host, startup: bool) -> lis
                            "sent the accepted mail", "warning")]
 
 
+def _gateway_domains(config: Configuration) -> list[Problem]:
+    if not config.gateway_enabled or config.gateway_domain_names:
+        return []
+    return [Problem(_where(config, "GatewayEnabled"),
+                    "GatewayEnabled is 1 but no domain is listed: set GatewayDomains "
+                    "(or list the domains in the Domain table)")]
+
+
 def _cram_md5(config: Configuration) -> list[Problem]:
     if not config.cram_md5_enabled:
         return []
@@ -257,7 +267,8 @@ def findings(config: Configuration, tables, *, relay_host: str | None = None,
     @param startup: True when twistd is starting (or reloading): it knows
         whether there is a relay host; ``check`` does not.
     """
-    out = (_open_relay(config, tables) + _gateway_relay_host(config, relay_host, startup)
+    out = (_open_relay(config, tables) + _gateway_domains(config)
+           + _gateway_relay_host(config, relay_host, startup)
            + _near_misses(config) + _greeting_delay(config)
            + _vrfy_nobody_trusted(config, tables) + _cram_md5(config))
     out.sort(key=lambda p: p.where)

@@ -5,6 +5,7 @@ One concept per module, dependencies pointing down this list::
     envelope.py     the envelope the session hands over (leaf)
     dsn.py          DSN parameters and RFC 3464 reports, pure (leaf)
     durable.py      fsync, durable mkdir, group commit, disk runners (leaf)
+    ownership.py    the spool given to the run-time user, checked as it
     entries.py      queue entries, attempt outcomes, classify, back-off
     notices.py      the DSNs mailguard writes and where each goes
     queuedir.py     the queue's files: add, rewrite, remove, recover

@@ -25,6 +25,7 @@ __all__ = [
     "empty_dir",
     "fsync_dir",
     "makedirs_durable",
+    "missing_dirs",
     "run_in_thread",
     "run_inline",
     "write_all",
@@ -39,21 +40,26 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def makedirs_durable(path: str) -> bool:
-    """``os.makedirs(path, exist_ok=True)``, and fsync the parent of every
-    directory it creates, so that a directory a ``250`` depends on cannot
-    vanish in a crash.  True if anything was created."""
-    path = os.path.abspath(path)
+def missing_dirs(path: str) -> list[str]:
+    """C{path} and those of its parents that are not directories, top
+    first: what ``os.makedirs`` would create."""
     missing = []
-    p = path
+    p = os.path.abspath(path)
     while not os.path.isdir(p):
         missing.append(p)
         parent = os.path.dirname(p)
         if parent == p:
             break
         p = parent
+    return missing[::-1]
+
+
+def makedirs_durable(path: str) -> bool:
+    """``os.makedirs(path, exist_ok=True)``, and fsync the parent of every
+    directory it creates, so that a directory a ``250`` depends on cannot
+    vanish in a crash.  True if anything was created."""
     created = False
-    for d in reversed(missing):
+    for d in missing_dirs(path):
         try:
             os.mkdir(d, 0o700)
             created = True

@@ -204,6 +204,7 @@ class MaildirStore:
         self.relay = relay
         self.notices = notices
         self.incoming = os.path.join(spool, "incoming")
+        self.mail = os.path.join(spool, "mail")
         self.syncer = syncer if syncer is not None else DirSyncer()
         self._known_maildirs: set[str] = set()
         self._mkdir_lock = threading.Lock()
@@ -214,7 +215,7 @@ class MaildirStore:
         (durably) and remove messages that never got their 250 (left by a
         crash).  Returns how many were removed."""
         makedirs_durable(self.incoming)
-        makedirs_durable(os.path.join(self.spool, "mail"))
+        makedirs_durable(self.mail)
         removed = empty_dir(self.incoming)
         self._opened = True
         return removed

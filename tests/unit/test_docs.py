@@ -300,6 +300,9 @@ def test_every_twistd_option_is_documented_and_no_other():
     rows = tables(section(reference(), "twistd mailguard"))[0]
     documented = {m for row in rows for m in re.findall(r"`--([a-z-]+)", row["option"])}
     options = {o[0] for o in Options.optParameters} | {o[0] for o in getattr(Options, "optFlags", [])}
+    # Repeatable options and --version are methods (opt_smtp...).
+    options |= {name[len("opt_"):].replace("_", "-") for name in vars(Options) if name.startswith("opt_")}
+    assert {"smtp", "smtps", "submission", "version"} <= options
     assert documented == options
 
 

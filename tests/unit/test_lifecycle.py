@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -23,6 +23,7 @@ from mailguard import replies as R
 from mailguard.lifecycle import MailguardService
 from mailguard.policy import build
 from mailguard.smtpd.factory import MailguardFactory
+from mailguard.smtpd.listener import Listener
 from mailguard.store.queue import RelayQueue
 from mailguard.testing import LogCapture, connect, make_context
 from tests.certs import make_certs
@@ -267,7 +268,7 @@ def test_stop_closes_the_listeners_drains_the_sessions_then_stops_the_rest(world
     order: list[str] = []
     top = world.service
     Child("queue", order).setServiceParent(top)
-    internet.StreamServerEndpointService(Endpoint(order), world.factory).setServiceParent(top)
+    Listener("smtp", "tcp:25", Endpoint(order), world.factory).setServiceParent(top)
     top.startService()
     idle = ehlo(world.connect(port=1))
     busy = ehlo(world.connect(port=2))

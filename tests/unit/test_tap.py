@@ -10,7 +10,12 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+
 from mailguard import tap
+from tests.certs import make_certs
 from tests.conftest import ROOT, TWISTD, write_config
 
 
@@ -37,8 +42,9 @@ def test_mailguard_help_documents_every_option():
     out = _twistd("-n", "mailguard", "--help")
     assert out.returncode == 0, out.stderr
     for option in ("--config", "--users", "--smtp", "--smtps", "--submission", "--tls-cert",
-                   "--tls-key", "--spool", "--security-log", "--relay-host"):
+                   "--tls-key", "--spool", "--security-log", "--relay-host", "--version"):
         assert option in out.stdout, option
+    assert out.stdout.count("repeatable") == 3  # --smtp, --smtps, --submission
 
 
 def test_no_init_in_twisted_plugins():
@@ -82,7 +88,7 @@ def test_options_default_config_loads():
     opts = tap.Options()
     opts.parseOptions([])
     assert opts.config.hostname == "mail.example.com"
-    assert opts["smtp"] == "tcp:2525:interface=127.0.0.1"
+    assert opts["smtp"] == ["tcp:2525:interface=127.0.0.1"]
 
 
 def test_gateway_mode_needs_relay_host(tmp_path):
@@ -151,6 +157,184 @@ def test_warnings_are_logged_at_start_up(tmp_path):
     assert any("SmtpGreetingDelay is 400 s" in line for line in logged)
 
 
+# -- listeners, one-line mistakes, start-up facts (issue 12, issue 14 item 4) --------------
+
+class Port:
+    def __init__(self, address):
+        self.address = address
+
+    def getHost(self):
+        return self.address
+
+    def stopListening(self):
+        return None
+
+
+class BindingReactor(MemoryReactorClock):
+    """A memory reactor whose TCP ports report the interface they were
+    given (Twisted's IPv4 ones say 0.0.0.0) and a number for port 0."""
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        super().listenTCP(port, factory, backlog, interface)
+        port = port or 40000 + len(self.tcpServers)
+        family = IPv6Address if ":" in interface else IPv4Address
+        return Port(family("TCP", interface or "0.0.0.0", port))
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        return self.listenTCP(port, factory, backlog, interface)
+
+
+def started(argv: list[str], tmp_path) -> tuple[object, list[str], BindingReactor]:
+    """tap.start on a memory reactor: the service and the log lines."""
+    opts = tap.Options()
+    opts.parseOptions(["--spool", str(tmp_path / "spool"), *argv])
+    reactor = BindingReactor()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        top = tap.start(opts, reactor)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return top, [formatEvent(e) for e in events], reactor
+
+
+def test_listener_options_repeat():
+    opts = tap.Options()
+    opts.parseOptions(["--smtp", "tcp:2525:interface=127.0.0.1", "--smtp", "tcp6:2525:interface=\\:\\:1",
+                       "--submission", "tcp:587:interface=127.0.0.1", "--submission", "unix:/run/mg.sock"])
+    assert opts["smtp"] == ["tcp:2525:interface=127.0.0.1", "tcp6:2525:interface=\\:\\:1"]
+    assert opts["submission"] == ["tcp:587:interface=127.0.0.1", "unix:/run/mg.sock"]
+    assert opts["smtps"] == []
+
+
+def test_an_empty_listener_option_means_none():
+    opts = tap.Options()
+    opts.parseOptions(["--smtp=", "--submission", "tcp:587:interface=127.0.0.1"])
+    assert opts["smtp"] == [] and opts["submission"] == ["tcp:587:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--smtp", "tcp:25", "--smtp", "tcp:25"], "--smtp tcp:25: the endpoint is given twice (also as --smtp)"),
+    (["--smtp", "tcp:25", "--submission", "tcp:25"],
+     "--submission tcp:25: the endpoint is given twice (also as --smtp)"),
+    (["--smtp", "tcp:25", "--smtp", "haproxy:tcp:25"],
+     "--smtp haproxy:tcp:25: the endpoint is given twice (also as --smtp)"),
+    (["--smtp", "tcp:2525:interfce=127.0.0.1"], '--smtp tcp:2525:interfce=127.0.0.1: unknown parameter "interfce"'),
+    (["--submission", "tcp:587", "--submission", "587"], "--submission must be an endpoint description"),
+])
+def test_listener_mistakes(argv, message):
+    with pytest.raises(usage.UsageError) as e:
+        tap.Options().parseOptions(argv)
+    assert str(e.value).startswith(message)
+
+
+def twistd_options(argv: list[str]):
+    """twistd's own option parser, as the twistd script runs it."""
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    options = ServerOptions()
+    options.parseOptions(argv)
+    return options
+
+
+def test_under_twistd_a_mistake_is_one_line_not_the_usage_text(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        twistd_options(["-n", "mailguard", "--smtp", "25"])
+    assert e.value.code == "mailguard: --smtp must be an endpoint description such as tcp:2525, got '25'"
+    cfg = write_config(tmp_path / "mailserver.cfg", {"MaxMessageSize": "lots", "VRFYEnabled": "yes"})
+    with pytest.raises(SystemExit) as e:
+        twistd_options(["-n", "mailguard", "--config", str(cfg)])
+    lines = e.value.code.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{cfg}:") for line in lines)  # as `check` prints them
+    with pytest.raises(SystemExit) as e:
+        twistd_options(["mailguard", "--version"])
+    assert e.value.code == 0
+
+
+def test_uid_needs_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit) as e:
+        twistd_options(["-n", "--uid", "65534", "mailguard"])
+    assert e.value.code.startswith("mailguard: --uid/--gid need twistd to start as root")
+    twistd_options(["-n", "mailguard"])  # without them, no need
+
+
+def test_version(capsys):
+    import mailguard
+
+    with pytest.raises(SystemExit) as e:
+        tap.Options().parseOptions(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"mailguard {mailguard.__version__} (Twisted ")
+    assert out == tap.version_line() + "\n"
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml takes it from mailguard.__version__; the installed
+    metadata agrees."""
+    import tomllib
+    from importlib.metadata import version
+
+    import mailguard
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mailguard.__version__"}
+    assert version("mailguard") == mailguard.__version__
+
+
+def test_start_up_names_version_configuration_and_each_listener(tmp_path):
+    cfg = write_config(tmp_path / "mailserver.cfg")
+    (tmp_path / "users.cfg").write_text('<?xml version="1.0"?>\n<config/>\n')
+    top, lines, reactor = started(["--config", str(cfg), "--smtp", "tcp:0:interface=127.0.0.1",
+                                   "--smtp", "haproxy:tcp:2526:interface=127.0.0.1",
+                                   "--submission", "tcp:0:interface=127.0.0.1"], tmp_path)
+    assert lines[0] == tap.version_line() + " starting"
+    assert f"configuration: {cfg}, {tmp_path / 'users.cfg'}" in lines
+    listening = [line for line in lines if line.startswith("listening: ")]
+    assert listening == [
+        "listening: smtp on 127.0.0.1:40001 (tcp:0:interface=127.0.0.1)",
+        "listening: smtp on 127.0.0.1:2526 behind a PROXY-protocol load balancer "
+        "(haproxy:tcp:2526:interface=127.0.0.1)",
+        "listening: submission on 127.0.0.1:40003 (tcp:0:interface=127.0.0.1)",
+        f"listening: control on {tmp_path / 'spool' / 'control'} ({tmp_path / 'spool' / 'control'})"]
+    assert [listener.kind for listener in top.listeners] == ["smtp", "smtp", "submission"]
+    assert [factory.listener for _, factory, _, _ in [reactor.tcpServers[0], reactor.tcpServers[2]]] == [
+        "smtp", "submission"]
+    assert not any("demo accounts" in line for line in lines)
+
+
+def test_without_config_it_warns_and_stays_on_loopback(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    _, lines, _ = started(["--smtp", "tcp:2525:interface=127.0.0.2", "--submission", "unix:" + str(tmp_path / "s"),
+                           "--smtps", f"ssl:4650:interface=\\:\\:1:privateKey={certs.key}:certKey={certs.cert}"],
+                          tmp_path)
+    assert any("no --config: running the embedded example configuration, whose demo accounts and passwords "
+               "are published in the README" in line for line in lines)
+    for desc, where in [("tcp:25", "0.0.0.0:25"), ("tcp:25:interface=192.0.2.1", "192.0.2.1:25"),
+                        ("tcp6:25:interface=\\:\\:", "[::]:25")]:
+        with pytest.raises(tap.StartupError) as e:
+            started(["--submission", desc], tmp_path)
+        assert str(e.value) == (
+            f"--submission {desc} listens on {where}, which is not loopback: without --config mailguard runs "
+            "the embedded example, whose accounts and passwords are published; pass --config FILE")
+    cfg = write_config(tmp_path / "mailserver.cfg")
+    started(["--config", str(cfg), "--smtp", "tcp:25"], tmp_path)  # with one: anywhere
+
+
+def test_make_service_turns_a_mistake_into_one_line(tmp_path, monkeypatch):
+    def refuse(options, reactor):
+        raise tap.StartupError("it went wrong")
+
+    monkeypatch.setattr(tap, "start", refuse)
+    opts = tap.Options()
+    opts.parseOptions(["--spool", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(opts)
+    assert e.value.code == "mailguard: it went wrong"
+
+
 def test_metrics_must_be_an_endpoint(tmp_path):
     with pytest.raises(usage.UsageError, match="--metrics must be an endpoint description"):
         tap.Options().parseOptions(["--spool", str(tmp_path), "--metrics", "9125"])
@@ -170,7 +354,10 @@ def test_twistd_syslog_is_reopened_as_mail_with_the_pid(tmp_path):
 
     def facility(*twistd_args):
         options = ServerOptions()
-        options.parseOptions([*twistd_args, "mailguard", "--spool", str(tmp_path), "--smtp", "tcp:0"])
+        # A spool each: the first service holds its control socket's lock.
+        spool = tmp_path / ("-".join(twistd_args) or "plain")
+        options.parseOptions([*twistd_args, "mailguard", "--spool", str(spool),
+                              "--smtp", "tcp:0:interface=127.0.0.1"])  # no --config: loopback only
         top = tap.makeService(options.subOptions)
         return [s for s in top if isinstance(s, SyslogFacility)]
 

@@ -190,6 +190,24 @@ def test_gateway_without_relay_host(tmp_path):
                                "be forwarded to the back-end (see docs/gateway.md)")]
 
 
+def test_gateway_without_domains(tmp_path):
+    """Nothing to guard: an error for check and start-up alike (it was a
+    traceback at start-up)."""
+    def found(*variables):
+        cfg = tmp_path / "gateway.cfg"
+        cfg.write_text('<?xml version="1.0"?>\n<config>\n' + "".join(
+            f'  <variable name="{name}">{value}</variable>\n' for name, value in variables) + "</config>\n")
+        config, tables, problems = build.read(str(cfg))
+        assert config is not None, problems
+        return [(p.where.line, p.severity, p.message)
+                for p in findings(config, tables, relay_host="127.0.0.1:2626", startup=True)]
+
+    error = "GatewayEnabled is 1 but no domain is listed: set GatewayDomains (or list the domains in the Domain table)"
+    assert found(("GatewayEnabled", "1")) == [(3, "error", error)]
+    assert found(("GatewayDomains", "example.com"), ("GatewayEnabled", "1")) == []
+    assert found(("GatewayEnabled", "0")) == []
+
+
 def test_cram_md5_with_hashed_passwords(tmp_path):
     # conftest's USERS: sam has a SHA: password, john and jane plain text.
     cram = '<variable name="SmtpAuthCramMd5Enabled">1</variable>'
