@@ -121,6 +121,10 @@ class ISecurityLog(Interface):
     def record(event, host, port, waited, first_bytes=b""):
         """Record one event (C{"early-talker"}, C{"gave-up"}, ...)."""
 
+    def note(event, host, port, **fields):
+        """Record one event with named fields (C{"auth-failed"},
+        C{"connection-rate"}, ...); the values are escaped."""
+
 
 class IIncomingMessage(Interface):
     """One message being received, written as it arrives."""

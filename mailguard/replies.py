@@ -10,6 +10,7 @@ the basic code and of the enhanced code agree, so a typo cannot send
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, 
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session too long, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+# Per-address limits across connections (mailguard.policy.budgets)
+TOO_MANY_ERRORS_FROM_IP = Reply(421, "4.7.0", "Too many errors from your address, try again later")
+CONNECTION_RATE_LIMIT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+MESSAGE_RATE_LIMIT = Reply(421, "4.7.0", "Too much mail from your address, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 # --- generic ----------------------------------------------------------------
@@ -91,6 +96,7 @@ RECIPIENT_TRY_LATER = Reply(450, "4.4.3", "Recipient verification unavailable, t
 # back-end that answered with a temporary failure.
 BACKEND_NO_ANSWER = Reply(450, "4.4.1", "Recipient verification unavailable (no answer from the mail server), try again later")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by the authenticated user")
 
 # --- DATA -------------------------------------------------------------------
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -98,6 +104,7 @@ MESSAGE_ACCEPTED = Reply(250, "2.0.0", "Message accepted for delivery")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_LINE_ENDING = Reply(554, "5.6.0", "Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+NUL_IN_DATA = Reply(554, "5.6.0", "NUL characters in message data are not allowed (RFC 5322 section 2.3)")
 # RFC 5321 6.3: a message with too many Received fields is in a mail loop;
 # RFC 3463 X.4.6 "Routing loop detected" (as Postfix's hopcount_limit).
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (Received header fields): mail loop")
@@ -118,6 +125,7 @@ AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_LOCKED_OUT = Reply(454, "4.7.0", "Too many authentication failures from your address, try again later")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
@@ -126,6 +134,13 @@ STARTTLS_PIPELINED = Reply(554, "5.5.1", "Commands pipelined after STARTTLS are 
 # --- ETRN -------------------------------------------------------------------
 ETRN_STARTED = Reply(250, "2.0.0", "Queuing started")
 ETRN_NOT_AVAILABLE = Reply(458, "4.5.0", "Unable to queue messages for node: ETRN is for trusted clients")
+
+
+@lru_cache(maxsize=64)
+def hello_reply(hostname: str, extensions: tuple[str, ...] = ()) -> bytes:
+    """The HELO (no C{extensions}) or EHLO reply, built once: a client that
+    pipelines thousands of EHLOs costs a lookup each, not a new reply."""
+    return HELO_OK.with_text(hostname).to_bytes(extensions)
 
 
 def all_replies() -> dict[str, Reply]:

@@ -29,11 +29,14 @@ from mailguard.smtpd.factory import MailguardFactory, ServerContext
 from mailguard.config.problems import ConfigError, errors
 from mailguard.gateway.build import build_gateway
 from mailguard.interfaces import IUserDirectory
+from mailguard.policy.budgets import (EXEMPT_SESSIONS, ClientLimits, DescriptorPlan, descriptor_plan,
+                                     descriptor_reserve)
 from mailguard.policy.build import Tables, build_policies, build_tables, read_checked
 from mailguard.config.values import parse_host_port
 from mailguard.store.notices import Notifier, directory_router
 from mailguard.store.queue import RelayQueue
 from mailguard.store.relayclient import client_tls
+from mailguard.smtpd.accept import GuardedEndpoint
 from mailguard.smtpd.listener import KINDS, Listener, listener_values, parse, split_proxy
 from mailguard.smtpd.proxy import ProxyHeaderFactory
 from mailguard.store.control import ControlFactory, control_path
@@ -55,23 +58,36 @@ DEFAULTS = {
 }
 
 
-def raise_fd_limit() -> int:
-    """Holding thousands of delayed connections needs file descriptors."""
+def fit_descriptors(config: Configuration) -> DescriptorPlan:
+    """Holding thousands of connections needs file descriptors: raise the
+    open-file limit to the hard limit; if it cannot hold
+    ``SmtpMaxConnections`` sessions and the reserve, fewer connections,
+    with one warning (L{mailguard.policy.budgets.descriptor_plan})."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
-    if soft < hard:
+    reserve = descriptor_reserve(config)
+    plan = descriptor_plan(soft, hard, config.max_connections, reserve)
+    if plan.soft > soft:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (plan.soft, hard))
         except (ValueError, OSError):
-            pass
-    return soft
+            plan = descriptor_plan(soft, soft, config.max_connections, reserve)
+    if plan.clamped:
+        log.warn("SmtpMaxConnections is {wanted} but the open-file limit (ulimit -n) is {limit}: at most "
+                 "{allowed} connections (each may hold 2 descriptors; {reserve} are kept for the relay "
+                 "IP group, the greeting-delay exceptions, the queue and the process)",
+                 wanted=config.max_connections, limit=plan.soft, allowed=plan.max_connections, reserve=reserve)
+    return plan
 
 
 def build_context(config: Configuration, options: Mapping[str, Any], reactor,
-                  tables: Tables | None = None) -> ServerContext:
-    """Everything the sessions share, built from the configuration."""
+                  tables: Tables | None = None, limits: ClientLimits | None = None) -> ServerContext:
+    """Everything the sessions share, built from the configuration.
+
+    @param limits: the per-address budgets (L{ClientLimits}) of the
+        context this one replaces, so that a reload forgets no attacker;
+        a new one when None."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     spool = os.path.abspath(opts["spool"])
     os.makedirs(spool, exist_ok=True)
@@ -106,6 +122,7 @@ def build_context(config: Configuration, options: Mapping[str, Any], reactor,
         queue=queue,
         dsn=True,
         run_blocking=run_in_thread(reactor),
+        limits=limits,
     )
 
 
@@ -150,7 +167,9 @@ def make_listener(top: MailguardService, kind: str, desc: str, reactor) -> Liste
         factory = TLSMemoryBIOFactory(tls_mod.CurrentContext(lambda: top.context.tls), False, factory)
     if proxied:
         factory = ProxyHeaderFactory(factory, reactor)
-    return Listener(kind, desc, parse(reactor, kind, desc), factory)
+    # A port out of descriptors pauses accepting, aloud once a minute
+    # (mailguard.smtpd.accept), instead of closing connections silently.
+    return Listener(kind, desc, GuardedEndpoint(parse(reactor, kind, desc), reactor), factory)
 
 
 def _control(top: MailguardService, reactor, queue: RelayQueue, spool: str) -> None:
@@ -188,7 +207,9 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
     @param options: also where a reload reads from: C{config} (else
         C{config.source}, unless that is the embedded example), C{users}."""
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    context = build_context(config, opts, reactor, tables)
+    # The per-address budgets live as long as the process: every generation
+    # a reload builds carries this one on (ServerContext.renewed).
+    context = build_context(config, opts, reactor, tables, limits=ClientLimits(reactor))
     gateway = getattr(context.recipients, "gateway", None)
     path = opts.get("config") or (None if config.source == EMBEDDED_NAME else config.source)
     tls_files = (opts["tls-cert"], opts["tls-key"]) if opts["tls-cert"] else None
@@ -211,5 +232,8 @@ def build_service(config: Configuration, options: Mapping[str, Any], reactor,
             log.warn("--submission without --tls-cert: PLAIN and LOGIN are never offered "
                      "without TLS and CRAM-MD5 is off (SmtpAuthCramMd5Enabled=0), so no one "
                      "can authenticate there")
-    raise_fd_limit()
+    plan = fit_descriptors(config)
+    context.connections.descriptor_cap = plan.fits
+    context.connections.max_total = plan.max_connections
+    context.connections.exempt_reserve = EXEMPT_SESSIONS
     return top

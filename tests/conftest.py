@@ -49,6 +49,13 @@ def eventually(predicate, timeout: float = 30.0):
         time.sleep(0.05)
 
 
+def _limit_files(n: int) -> None:
+    """In the child: an open-file limit of C{n} that it cannot raise."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 class Twistd:
     """A real ``twistd -n mailguard`` process.  C{twistd_args} go before
     ``mailguard`` (``--logger ...``); C{stdout}: a file for its standard
@@ -57,9 +64,11 @@ class Twistd:
 
     def __init__(self, tmp: Path, args: list[str], smtp_port: int, wait_port: int | None = None,
                  env: dict[str, str] | None = None, logfile: bool = True,
-                 twistd_args: tuple[str, ...] = (), stdout: Path | None = None, prefix: tuple[str, ...] = ()):
+                 twistd_args: tuple[str, ...] = (), stdout: Path | None = None, nofile: int | None = None,
+                 prefix: tuple[str, ...] = ()):
         """C{env}: more environment variables; C{logfile=False}: twistd
-        logs to its standard output (kept in C{self.logfile} all the same)."""
+        logs to its standard output (kept in C{self.logfile} all the same);
+        C{nofile}: an open-file limit it cannot raise."""
         self.tmp = tmp
         self.port = smtp_port
         self.spool = tmp / "spool"
@@ -73,7 +82,8 @@ class Twistd:
             out = open(stdout, "ab")
         else:
             out = subprocess.PIPE if logfile else open(self.logfile, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if nofile is None else lambda: _limit_files(nofile))
         if out is not subprocess.PIPE:
             out.close()
         try:

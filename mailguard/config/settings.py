@@ -96,6 +96,17 @@ SCALARS: tuple[Scalar, ...] = (
     Scalar("SecurityLogMaxBytes", "security_log_max_bytes", Number(0, 2**40), False),
     Scalar("SecurityLogGenerations", "security_log_generations", Number(0, 1000), False),
     Scalar("SmtpShutdownGrace", "shutdown_grace", Seconds(0, 3600), False),
+    # abuse budgets (mailguard.policy.budgets; docs/abuse.md)
+    Scalar("SmtpSoftErrorLimit", "soft_error_limit", Number(0, 10_000), False),
+    Scalar("SmtpErrorSleepTime", "error_sleep_time", Seconds(0, 60), False),
+    Scalar("SmtpRecipientOvershootLimit", "recipient_overshoot_limit", _LIMIT, False),
+    Scalar("SmtpMaxErrorsPerIp", "max_errors_per_ip", _LIMIT, False),
+    Scalar("SmtpMaxAuthFailuresPerIp", "max_auth_failures_per_ip", _LIMIT, False),
+    Scalar("SmtpPerIpWindow", "per_ip_window", Seconds(0, _DAY), False),
+    Scalar("SmtpConnectionRateLimit", "connection_rate_limit", _LIMIT, False),
+    Scalar("SmtpMessageRateLimit", "message_rate_limit", _LIMIT, False),
+    Scalar("SmtpMinDataRate", "min_data_rate", Number(0, 1_000_000_000), False),
+    Scalar("SmtpSenderLoginMatch", "sender_login_match", parse_bool, False),
     # gateway mode (mailguard.gateway.gateway; docs/gateway.md)
     Scalar("GatewayEnabled", "gateway_enabled", parse_bool, False),
     Scalar("GatewayDomains", "gateway_domains", parse_domain_list, False),
@@ -151,6 +162,16 @@ class Configuration:
     security_log_max_bytes: int = 10 * 1024 * 1024
     security_log_generations: int = 5
     shutdown_grace: float = 30.0  # a message in DATA may finish this long after a stop
+    soft_error_limit: int = 10
+    error_sleep_time: float = 1.0
+    recipient_overshoot_limit: int = 1000
+    max_errors_per_ip: int = 100
+    max_auth_failures_per_ip: int = 20
+    per_ip_window: float = 600.0
+    connection_rate_limit: int = 0
+    message_rate_limit: int = 0
+    min_data_rate: int = 500
+    sender_login_match: bool = True
     gateway_enabled: bool = False
     gateway_domains: tuple[str, ...] = ()  # empty: every Domain (and alias)
     gateway_backend: tuple[str, int] | None = None  # None: --relay-host

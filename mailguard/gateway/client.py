@@ -33,6 +33,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from mailguard.policy.addresses import command_injection
+
 __all__ = ["BackendAnswer", "BackendReply", "BackendUnavailable", "Outcome", "VrfyClient", "as_unavailable"]
 
 log = Logger()
@@ -252,6 +254,9 @@ class VrfyClient(LineReceiver):
         (or failing with L{BackendUnavailable})."""
         if self.closing:
             return defer.fail(BackendUnavailable(self._lost_reason, retry=True))
+        if command_injection(line):
+            log.warn("not sent to the back-end: CR, LF or NUL in {line!r}", line=line[:80])
+            return defer.fail(BackendUnavailable("a command holding CR, LF or NUL was not sent"))
         return self._enqueue(line)
 
     def _enqueue(self, line: str) -> defer.Deferred:

@@ -52,6 +52,7 @@ __all__ = [
     "AddressError",
     "Mailbox",
     "HIDDEN_DESTINATION_CHARACTERS",
+    "command_injection",
     "hidden_destination",
     "parse_mail_from",
     "parse_path",
@@ -458,3 +459,16 @@ def parse_etrn_argument(text: str) -> str | None:
         return None
     at = "@" if target.startswith("@") else ""
     return at + parse_hostname(target[len(at):])
+
+
+_LINE_BREAKING = re.compile("[\r\n\0]")
+
+
+def command_injection(line: str) -> bool:
+    """Whether C{line}, a command mailguard is about to send to another
+    server (the relay queue's MAIL and RCPT, the gateway's VRFY and
+    probes), holds CR, LF or NUL: written out, it would end the command
+    early and start another (``RCPT TO:<x>\r\nDATA``).  The configuration
+    and the SMTP parser refuse such addresses already; this is the last
+    line of defence, and such a command is never sent."""
+    return _LINE_BREAKING.search(line) is not None

@@ -12,7 +12,7 @@ does not.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mailguard import replies
 from mailguard.policy.addresses import parse_vrfy_argument
@@ -23,6 +23,7 @@ __all__ = [
     "Refusal",
     "auth_mechanisms",
     "connection_limit_exempt",
+    "counts_as_error",
     "ehlo_keywords",
     "etrn_refusal",
     "help_commands",
@@ -30,6 +31,7 @@ __all__ = [
     "mail_parameters",
     "mail_refusal",
     "rcpt_parameters",
+    "sender_login_refusal",
     "vrfy_budgeted",
     "vrfy_refusal",
 ]
@@ -203,3 +205,36 @@ def connection_limit_exempt(session: Session, greeting, trust) -> bool:
     gateway or a NATed office legitimately opens many connections.  The
     exceptions group is the greeting policy's own definition."""
     return bool(greeting.is_exception(session)) or bool(trust.is_trusted(session))
+
+
+def counts_as_error(reply: Reply) -> bool:
+    """Whether a refused recipient counts against the error budgets (as
+    Postfix counts every rejected RCPT): a permanent refusal (``550`` unknown
+    or disabled user, ``554`` relay denied) is what a harvester collects; a
+    temporary one (a gateway back-end that cannot answer) is not the
+    client's doing."""
+    return reply.code >= 500
+
+
+def sender_login_refusal(session: Session, sender: str | None, *, enabled: bool, directory,
+                         trust) -> Refusal | None:
+    """An authenticated user may send only as themselves (Postfix's
+    ``reject_sender_login_mismatch``): ``MAIL FROM`` must be an address the
+    directory delivers to that user's mailbox -- the account, its alias
+    names, the same in an alias domain, or an alias that delivers to the
+    user.  The null sender (bounces) is allowed.  ``553 5.7.1`` otherwise.
+
+    Not applied with C{enabled} off (``SmtpSenderLoginMatch=0``), before
+    AUTH, or to a client trusted by its address (the relay IP group): such
+    a client relays for others, as it did before it logged in.
+    """
+    user = session.authenticated
+    if not enabled or not user or not sender:
+        return None
+    if trust.is_trusted(replace(session, authenticated=None)):
+        return None
+    found = directory.lookup(sender)
+    status = getattr(found.status, "name", found.status)
+    if str(status).upper() == "KNOWN" and user.lower() in (m.lower() for m in found.mailboxes):
+        return None
+    return Refusal(replies.SENDER_NOT_OWNED)

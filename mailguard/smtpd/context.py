@@ -30,6 +30,7 @@ from mailguard.interfaces import (
     ITrustPolicy,
     IVrfyPolicy,
 )
+from mailguard.policy.budgets import ClientLimits
 from mailguard.policy.build import Policies
 from mailguard.policy.rules import connection_limit_exempt
 from mailguard.policy.session import Session
@@ -43,10 +44,12 @@ class Connections:
     configured limits with ``421 4.7.0`` (``SmtpMaxConnections``,
     ``SmtpMaxConnectionsPerIp``; 0 is no limit).
 
-    The total limit applies to everyone: it protects the process (file
-    descriptors, memory).  Who is exempt from the per-IP limit is the
+    The total limit protects the process (file descriptors, memory); the
+    exempt (the relay IP group and the greeting-delay exceptions) may go
+    C{exempt_reserve} sessions past it, on descriptors kept for them, so
+    a flood of strangers cannot lock them out.  Who is exempt is the
     policy's decision (L{mailguard.policy.rules.connection_limit_exempt}),
-    asked only when the limit would refuse, so the common path costs a
+    asked only when a limit would refuse, so the common path costs a
     counter increment.
 
     ``stopping`` is set when the reactor begins to shut down, so that the
@@ -58,6 +61,8 @@ class Connections:
                  exempt: Callable[[Session], bool] = lambda session: False,
                  clock: IReactorTime | None = None) -> None:
         self.max_total = max_total
+        self.exempt_reserve = 0  # set by the service from its descriptor plan
+        self.descriptor_cap = 0  # the most sessions the open-file limit holds; 0: not known
         self.max_per_ip = max_per_ip
         self.exempt = exempt
         self.total = 0
@@ -72,7 +77,8 @@ class Connections:
         if self._clock is not None:
             self._watch(self._clock)
         ip = session.client_ip
-        if self.max_total and self.total >= self.max_total:
+        if self.max_total and self.total >= self.max_total and not (
+                self.total < self.max_total + self.exempt_reserve and self.exempt(session)):
             return R.TOO_MANY_CONNECTIONS
         if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip and not self.exempt(session):
             return R.TOO_MANY_FROM_IP
@@ -80,6 +86,12 @@ class Connections:
         self.per_ip[ip] += 1
         self.sessions.add(key)
         return None
+
+    def fitted(self, wanted: int) -> int:
+        """``SmtpMaxConnections`` C{wanted}, within what the open-file limit
+        holds (a reload cannot raise it past that)."""
+        cap = self.descriptor_cap
+        return min(wanted or cap, cap) if cap else wanted
 
     def close(self, key, session: Session) -> None:
         if key not in self.sessions:
@@ -138,27 +150,38 @@ class ServerContext:
     run_blocking: Callable[..., defer.Deferred] = _run_inline  # slow work (PBKDF2) off the reactor
     connections: Connections = field(default=None)  # type: ignore[assignment]
     stats: Stats = field(default_factory=Stats)  # the counters the metrics read
+    # Per-address budgets across connections: made once per process (give
+    # the same one to the context a reload builds).
+    limits: ClientLimits = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.connections is None:
             self.connections = Connections(self.config.max_connections, self.config.max_connections_per_ip,
                                            self._limit_exempt, self.clock)
+        if self.limits is None:
+            self.limits = ClientLimits(self.clock)
 
     def renewed(self, config: Configuration, policies: Policies,
                 tls: CertificateOptions | None = None) -> "ServerContext":
         """The next generation, for a configuration reload: the new
         configuration and policies (and TLS context, if given), with the
         long-lived pieces carried on -- the store, the queue, the security
-        log, the connection counters (under the new limits).  Sessions in
+        log, the connection counters (under the new limits) and the
+        per-address budgets.  Sessions in
         progress keep the generation they started with."""
         new = replace(self, config=config, policies=policies, tls=self.tls if tls is None else tls)
         counters = self.connections
-        counters.max_total, counters.max_per_ip = config.max_connections, config.max_connections_per_ip
+        counters.max_total, counters.max_per_ip = counters.fitted(config.max_connections), config.max_connections_per_ip
         counters.exempt = new._limit_exempt
         return new
 
     def _limit_exempt(self, session: Session) -> bool:
         return connection_limit_exempt(session, self.greeting, self.trust)
+
+    def exempt(self, session: Session) -> bool:
+        """Exempt from the per-address limits: the relay IP group and the
+        greeting-delay exceptions."""
+        return self._limit_exempt(session)
 
     @property
     def hostname(self) -> str:

@@ -5,7 +5,7 @@ Three kinds, in the manner of h11:
 - signals (L{NEED_DATA}, L{PAUSED}, L{CLOSED}): nothing to do until more
   bytes arrive, until the outstanding request is answered, or ever;
 - notices (L{Write}, L{WriteMessage}, L{StartTLS}, L{AbortMessage},
-  L{Close}): do this, no answer expected;
+  L{Close}, L{SecurityEvent}): do this, no answer expected;
 - requests (every L{Request}): do this and hand the result back with
   C{session.answer(value)} or C{session.failed()}; the session is
   L{PAUSED} meanwhile, so pipelined commands wait their turn.
@@ -74,6 +74,16 @@ class Close:
     """Close the connection once what was written has been sent."""
 
 
+@dataclass(frozen=True, slots=True)
+class SecurityEvent:
+    """Write a line to the security log: C{event} (``auth-failed``,
+    ``auth-lockout``, ``error-limit``...) for this client, with C{fields}
+    (name -> value; the log escapes them)."""
+
+    event: str
+    fields: dict
+
+
 # --- requests -----------------------------------------------------------------
 
 
@@ -112,6 +122,14 @@ class CheckCredentials(Request):
 @dataclass(frozen=True, slots=True)
 class AuthFailureDelay(Request):
     """Answer (None) after C{seconds}: a failed AUTH is answered slowly."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delay(Request):
+    """Answer (None) after C{seconds}: past ``SmtpSoftErrorLimit`` errors the
+    next command is read only then."""
 
     seconds: float
 

@@ -41,12 +41,12 @@ class Extensions:
             return self._error(R.TLS_UNAVAILABLE)
         if arg:
             return self._error(R.SYNTAX_ERROR)
-        if self._buffer:
+        discarded = self._discard_input()
+        if discarded:
             # Plain text pipelined behind STARTTLS (the command injection
             # flaw, CVE-2011-0411 and its kin): never run it inside TLS.
             log.warn("discarded {n} bytes pipelined after STARTTLS session={session} ip={ip}", session=self.sid,
-                     n=len(self._buffer), ip=self.facts.client_ip)
-            self._buffer = b""
+                     n=discarded, ip=self.facts.client_ip)
         self._send(R.READY_TLS)
         self._events.append(E.StartTLS())
         # RFC 3207 4.2: forget everything learnt before TLS; EHLO again.
@@ -73,6 +73,10 @@ class Extensions:
             return self._error(R.AUTH_NEEDS_TLS)
         if mech not in self._mechanisms():
             return self._error(R.AUTH_MECHANISM_UNKNOWN)
+        ctx = self.context
+        limited = ctx.limits.at_auth(self.facts, ctx.exempt)
+        if limited is not None:  # locked out for failed AUTH: no password is checked
+            return self._error(limited.reply)
         initial = initial.strip()
         self._mech, self._auth_user = mech, None
         self._sasl = sasl.start(mech, hostname=self.context.hostname,
@@ -107,7 +111,14 @@ class Extensions:
             self._request(E.CheckCredentials(step))
 
     def _auth_result(self, who: str | None) -> None:
-        stats = self.context.stats.auth
+        ctx = self.context
+        withheld = ctx.limits.at_auth(self.facts, ctx.exempt)
+        if withheld is not None:
+            # Parallel guesses from the address locked it out while this one
+            # was checked: its answer is withheld, so no more than
+            # SmtpMaxAuthFailuresPerIp guesses are ever answered per window.
+            return self._error(withheld.reply)
+        stats = ctx.stats.auth
         if who:
             self.facts = replace(self.facts, authenticated=who)
             stats["success"] += 1
@@ -116,6 +127,11 @@ class Extensions:
         self.auth_failures += 1
         stats["failure"] += 1
         sessionlog.auth(self.sid, self.facts, self._mech, "failed", self._auth_user, self.auth_failures)
+        fields = {"mechanism": self._mech or "", "user": self._auth_user or ""}  # never the password
+        self._report("auth-failed", fields)
+        limited = ctx.limits.auth_failed(self.facts, ctx.config, ctx.exempt)
+        if limited is not None:  # this failure began a lock-out
+            self._report(limited.event, {**limited.fields, **fields})
         if self.auth_failures >= max(1, self.context.config.max_auth_failures):
             return self.close(R.TOO_MANY_ERRORS.with_text("Too many authentication failures, closing connection"))
         self._request(E.AuthFailureDelay(float(self.auth_failures)))  # 1 s, 2 s, ...

@@ -29,6 +29,7 @@ __all__ = [
     "END_OF_DATA",
     "LINE_TOO_LONG",
     "MESSAGE_TOO_BIG",
+    "NUL_CHARACTER",
     "PARTIAL_LINE_MAX",
     "CommandReader",
     "DataReader",
@@ -38,6 +39,7 @@ COMMAND_LINE_MAX = 512  # RFC 5321 4.5.3.1.4, CRLF included
 AUTH_LINE_MAX = 12288  # RFC 4954 section 4
 PARTIAL_LINE_MAX = 8192  # a DATA line this long is taken before its end arrives
 _AUTH_PREFIX = re.compile(rb"[ \t]*AUTH[ \t]", re.IGNORECASE)
+_AUTH_FIRST = frozenset(b"aA \t")  # what an AUTH line can start with
 _EMPTY = b""
 
 
@@ -59,6 +61,7 @@ LINE_TOO_LONG = _Event("LINE_TOO_LONG")  # a command line over its limit (report
 END_OF_DATA = _Event("END_OF_DATA")  # the terminating "." line
 BARE_LINE_ENDING = _Event("BARE_LINE_ENDING")  # a CR or LF not in a CRLF pair (smuggling)
 MESSAGE_TOO_BIG = _Event("MESSAGE_TOO_BIG")  # the unstuffed size passed the limit
+NUL_CHARACTER = _Event("NUL_CHARACTER")  # a NUL octet in the message (RFC 5322 2.3, RFC 6152)
 
 
 class CommandReader:
@@ -82,36 +85,48 @@ class CommandReader:
 
         @param auth: an AUTH exchange is waiting for a response line.
         """
-        while buf:
-            limit = AUTH_LINE_MAX if auth or _AUTH_PREFIX.match(buf) else COMMAND_LINE_MAX
-            i = buf.find(b"\n")
+        line, pos = self.read_at(buf, 0, auth)
+        return line, buf[pos:]
+
+    def read_at(self, buf: bytes, pos: int, auth: bool = False) -> tuple[bytes | _Event | None, int]:
+        """As L{read}, from offset C{pos} of C{buf}; returns the offset of
+        the rest instead of a copy of it, so that reading thousands of
+        pipelined lines from one buffer costs each line, not each line
+        times the buffer."""
+        end = len(buf)
+        while pos < end:
+            first = buf[pos]
+            maybe_auth = first in _AUTH_FIRST and _AUTH_PREFIX.match(buf, pos) is not None
+            limit = AUTH_LINE_MAX if auth or maybe_auth else COMMAND_LINE_MAX
+            i = buf.find(b"\n", pos)
             if i < 0:
-                if len(buf) <= limit:
-                    return None, buf
+                if end - pos <= limit:
+                    return None, pos
                 if self._discarding:
-                    return None, _EMPTY
+                    return None, end
                 self._discarding = True
-                return LINE_TOO_LONG, _EMPTY
-            line, buf = buf[:i], buf[i + 1:]
+                return LINE_TOO_LONG, end
+            start, pos = pos, i + 1
             if self._discarding:  # the end of a line already reported
                 self._discarding = False
                 continue
-            if i + 1 > limit:
-                return LINE_TOO_LONG, buf
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            return line, buf
-        return None, buf
+            if pos - start > limit:
+                return LINE_TOO_LONG, pos
+            if i > start and buf[i - 1] == 13:  # CR
+                i -= 1
+            return buf[start:i], pos
+        return None, pos
 
 
 class DataReader:
     """The DATA stream of one message, up to its terminating ``.`` line.
 
     Events, one per L{read}: message bytes (unstuffed, CRLF line endings,
-    to store as they are); L{MESSAGE_TOO_BIG} the first time the message
-    fails (after which it is read to its end and nothing more is
-    returned); L{BARE_LINE_ENDING} (SMTP smuggling: the caller must stop
-    reading the stream); L{END_OF_DATA}.  Lines may be of any length.
+    to store as they are); L{MESSAGE_TOO_BIG} or L{NUL_CHARACTER} the
+    first time the message fails (after which it is read to its end and
+    nothing more is returned); L{BARE_LINE_ENDING} (SMTP smuggling: the
+    caller must stop reading the stream); L{END_OF_DATA}.  Lines may be of
+    any length.
 
     @param max_size: the message size limit in unstuffed octets (0: none).
     """
@@ -177,7 +192,10 @@ class DataReader:
         return self._count(data)
 
     def _count(self, data: bytes) -> bytes | _Event | None:
-        """Message bytes, unless they take the message over its size."""
+        """Message bytes, unless they take the message over its size or
+        hold a NUL (never stored, so never relayed as sent)."""
+        if b"\0" in data:
+            return self._fail(NUL_CHARACTER)
         self.size += len(data)
         if 0 < self.max_size < self.size:
             return self._fail(MESSAGE_TOO_BIG)

@@ -3,9 +3,12 @@
 Everything that decides is elsewhere: framing, sequencing, budgets and
 replies in L{mailguard.smtpd.session.ServerSession} (sans-IO), the rules in
 L{mailguard.policy}.  What is left here moves bytes, timers and Deferreds:
-the greeting hold (Kerio's spam repellent), the idle and session timers,
-reading paused while a request waits, STARTTLS, the store, the policies
-that answer with Deferreds, and the slow-down after a failed AUTH.
+the greeting hold (Kerio's spam repellent), the deadline and session
+timers, reading paused while input or output waits (L{mailguard.smtpd.flow}),
+STARTTLS, the store, the policies that answer with Deferreds, the
+slow-downs after a failed AUTH and after errors, and the security-log
+lines the session asks for.  The idle deadline is one that bytes cannot
+push back (L{mailguard.smtpd.flow.IdleDeadline}).
 
 A connection held in the greeting delay is the cheap case thousands of
 times over: it has no state machine yet (one is made when the greeting is
@@ -25,14 +28,16 @@ from mailguard.operational import report
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import sessionlog
-from mailguard.smtpd.events import DATA
+from mailguard.smtpd.events import CLOSED, DATA
+from mailguard.smtpd.flow import IdleDeadline, ReadGate
 from mailguard.smtpd.session import ServerSession
 from mailguard.smtpd.sasl import CramMD5Credentials
 from mailguard.store.envelope import queue_id
 
 log = Logger()
 
-# Input buffered while a request is pending, beyond which reading pauses.
+# Input buffered in the session (a request pending, replies waiting to be
+# sent), beyond which reading pauses.
 INPUT_HOLD_MAX = 64 * 1024
 BIG_READ_SIZE = 1 << 18  # bytes per recv while a large DATA arrives
 BIG_READ_AFTER = 1 << 18  # DATA bytes after which reads get that large
@@ -60,7 +65,7 @@ class MailguardESMTP(Protocol):
     _auth_delay = None
     _message = None
     _running = False
-    _paused = False  # reading paused while a request is pending (backpressure)
+    _gate: ReadGate | None = None  # pauses reading while input or output waits
     _normal_read_size = None  # the transport's recv size, while a large DATA reads more
 
     def __init__(self, factory) -> None:
@@ -80,6 +85,12 @@ class MailguardESMTP(Protocol):
                                       tls=listener == "smtps")
         self.sid = sessionlog.new_session_id()
         self._connected_at = ctx.clock.seconds()
+        limited = ctx.limits.at_connect(facts, ctx.config, ctx.exempt)
+        if limited is not None:  # a per-address budget (rate, errors): as the connection limits
+            sessionlog.connect(self.sid, facts, None)
+            ctx.stats.connections["limit"] += 1
+            self._outcome = "limit"
+            return self._turn_away(limited.reply, limited.event, fields=limited.fields)
         refusal = ctx.connections.open(self, facts)
         if refusal is None and ctx.connections.stopping:  # accepted as the listeners closed
             sessionlog.connect(self.sid, facts, None)
@@ -115,10 +126,12 @@ class MailguardESMTP(Protocol):
         ctx = self.factory.context
         ctx.stats.connections["greeted"] += 1
         self.smtp = ServerSession(self.opened, ctx, sid=self.sid)
+        self._gate = ReadGate(self.transport, self._run)
         self.smtp.greet()
         self._run()
         if ctx.config.idle_timeout > 0:  # 0: no limit
-            self._idle = ctx.clock.callLater(ctx.config.idle_timeout, self._timeout, "_idle", R.TIMEOUT)
+            self._idle = IdleDeadline(ctx.clock, ctx.config.idle_timeout, ctx.config.min_data_rate,
+                                      self._timeout, "_idle", R.TIMEOUT)
         if ctx.config.max_session_time > 0:
             self._session_timer = ctx.clock.callLater(ctx.config.max_session_time, self._timeout,
                                                       "_session_timer", R.SESSION_TOO_LONG)
@@ -130,15 +143,12 @@ class MailguardESMTP(Protocol):
                 self._early_talker(data)
             return
         smtp.receive_data(data)
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(smtp.context.config.idle_timeout)
-        if not smtp.waiting:
+        if smtp.mode is DATA and self._idle is not None:
+            self._idle.received(len(data))  # only a message's bytes earn time
+        if not smtp.waiting and not self._gate.output_waiting:
             self._run()
-        elif smtp.buffered > INPUT_HOLD_MAX and not self._paused:
-            # A request is pending and the client keeps sending: stop
-            # reading (TCP backpressure) instead of buffering without limit.
-            self._paused = True
-            self.transport.pauseProducing()
+        elif smtp.buffered > INPUT_HOLD_MAX:  # sending on while a request or its replies wait
+            self._gate.hold()
 
     def _early_talker(self, data: bytes) -> None:
         ctx = self.factory.context
@@ -148,14 +158,19 @@ class MailguardESMTP(Protocol):
         self._turn_away(R.EARLY_TALKER, "early-talker" if ctx.config.greeting_delay_log else None,
                         ctx.clock.seconds() - self._connected_at, data)
 
-    def _turn_away(self, reply: R.Reply, event: str | None, waited: float = 0.0, data: bytes = b"") -> None:
+    def _turn_away(self, reply: R.Reply, event: str | None, waited: float = 0.0, data: bytes = b"",
+                   fields: dict | None = None) -> None:
         """Refuse a connection that has no session: the security-log entry
-        (unless C{event} is None), the reply, the close.  Every refusal
-        before the greeting passes here; after it, the session says all."""
+        (unless C{event} is None; with C{fields}, in their form), the
+        reply, the close.  Every refusal before the greeting passes here;
+        after it, the session says all."""
         self.closed = True
         ctx, facts = self.factory.context, self.opened
         if event is not None:
-            ctx.security_log.record(event, facts.client_ip, facts.client_port, waited, data)
+            if fields is not None:
+                ctx.security_log.note(event, facts.client_ip, facts.client_port, **fields)
+            else:
+                ctx.security_log.record(event, facts.client_ip, facts.client_port, waited, data)
         ctx.stats.refused("CONNECT", reply.code, reply.status)
         sessionlog.reject(self.sid, facts, "CONNECT", reply, detail=f"waited {waited:.2f} s" if waited else None)
         self.transport.write(reply.to_bytes())
@@ -221,7 +236,7 @@ class MailguardESMTP(Protocol):
         if self._running:
             return
         self._running = True
-        smtp = self.smtp
+        smtp, gate = self.smtp, self._gate
         next_event, write, handle = smtp.next_event, self.transport.write, self._handle
         try:
             while True:
@@ -229,6 +244,8 @@ class MailguardESMTP(Protocol):
                 kind = event.__class__
                 if kind is E.Write:  # the common case, first
                     write(event.data)
+                    if gate.output_waiting and smtp.mode is not CLOSED:
+                        break  # the transport's buffer is full: no more replies for now
                 elif kind is E.Signal:
                     break
                 else:
@@ -239,9 +256,14 @@ class MailguardESMTP(Protocol):
             if self._normal_read_size:
                 self.transport.bufferSize = self._normal_read_size
             self._normal_read_size = None
-        if self._paused and not smtp.waiting and not self.closed:
-            self._paused = False
-            self.transport.resumeProducing()
+        if self.closed:
+            return
+        if self._idle is not None:
+            self._idle.read(smtp.progress)  # a whole command or message: it starts again
+        if smtp.buffered > INPUT_HOLD_MAX:  # TCP backpressure, in any state
+            gate.hold()
+        else:
+            gate.release()
 
     def _handle(self, event) -> None:
         ctx = self.smtp.context  # the one the session started with
@@ -258,10 +280,13 @@ class MailguardESMTP(Protocol):
             self._commit(event)
         elif kind is E.CheckCredentials:
             self._check_credentials(event.credentials)
-        elif kind is E.AuthFailureDelay:
+        elif kind is E.AuthFailureDelay or kind is E.Delay:
             d = defer.Deferred()
             self._auth_delay = ctx.clock.callLater(event.seconds, d.callback, None)
-            self._wait(d, "AUTH delay")
+            self._wait(d, "delay")
+        elif kind is E.SecurityEvent:
+            facts = self.smtp.facts
+            ctx.security_log.note(event.event, facts.client_ip, facts.client_port, **event.fields)
         elif kind is E.AbortMessage:
             self._abort_message()
         elif kind is E.StartTLS:
@@ -270,7 +295,12 @@ class MailguardESMTP(Protocol):
             self._wait(defer.maybeDeferred(ctx.queue.kick, event.domain), "ETRN")
         elif kind is E.Close:
             self.closed = True
-            self.transport.loseConnection()
+            blocked = self._gate.output_waiting
+            self._gate.detach()
+            if blocked:  # the client does not read: the close would wait for it forever
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
         else:
             raise TypeError(f"unknown session event {event!r}")
 

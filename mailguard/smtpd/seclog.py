@@ -32,11 +32,26 @@ Line format: tab-separated, UTC, one event per line::
 ``first`` is the Python C{repr} of the first 64 bytes the client sent:
 printable ASCII as is, quotes, backslashes, CR, LF, TAB and everything else
 escaped, so a line never contains a raw control character or a tab.
+
+The abuse budgets (L{mailguard.policy.budgets}) write the same first four
+columns, then ``name=value`` fields (L{format_fields})::
+
+    2026-11-27T14:05:00Z<TAB>auth-failed<TAB>203.0.113.9<TAB>51234<TAB>mechanism=PLAIN<TAB>user=alice@example.com
+    2026-11-27T14:05:09Z<TAB>auth-lockout<TAB>203.0.113.9<TAB>51240<TAB>failures=20<TAB>window=600<TAB>locked=600<TAB>mechanism=LOGIN<TAB>user=bob
+    2026-11-27T14:06:00Z<TAB>error-limit<TAB>198.51.100.7<TAB>40022<TAB>errors=100<TAB>window=600<TAB>locked=600
+    2026-11-27T14:06:30Z<TAB>connection-rate<TAB>198.51.100.7<TAB>40188<TAB>limit=30/min
+
+A value of letters, digits and ``. @ + - _ : /`` is written as it is;
+anything else (a user name an attacker chose) as a JSON string, with every
+control character, quote, backslash and non-ASCII character escaped.  A
+password is never a field.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 
 from twisted.logger import Logger
@@ -55,6 +70,24 @@ def _escape(data: bytes, limit: int = 64) -> str:
 def format_line(when: float, event: str, host: str, port: int, waited: float, first_bytes: bytes) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
     return f"{stamp}\t{event}\t{host}\t{port}\twaited={waited:.2f}\tfirst={_escape(first_bytes)}\n"
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9.@+_:/-]+")
+
+
+def format_fields(fields: dict) -> str:
+    """C{name=value} pairs, tab-separated, each value escaped if it needs to be."""
+    out = []
+    for name, value in fields.items():
+        text = str(value)
+        out.append(f"{name}={text if _PLAIN.fullmatch(text) else json.dumps(text[:256])}")
+    return "\t".join(out)
+
+
+def format_note(when: float, event: str, host: str, port: int, fields: dict) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    tail = format_fields(fields)
+    return f"{stamp}\t{event}\t{host}\t{port}" + (f"\t{tail}" if tail else "") + "\n"
 
 
 @implementer(ISecurityLog)
@@ -78,11 +111,17 @@ class SecurityLog:
             add_trigger("before", "shutdown", self.flush)
 
     def record(self, event, host, port, waited, first_bytes=b"") -> None:
+        self._queue(format_line(self.reactor.seconds(), event, host, port, waited, first_bytes))
+
+    def note(self, event, host, port, **fields) -> None:
+        self._queue(format_note(self.reactor.seconds(), event, host, port, fields))
+
+    def _queue(self, line: str) -> None:
         if len(self._pending) >= self.max_pending:
             self._dropped += 1
             self.dropped += 1
         else:
-            self._pending.append(format_line(self.reactor.seconds(), event, host, port, waited, first_bytes))
+            self._pending.append(line)
         # Not echoed to the twistd log: under attack that would be one line
         # per bot in a log that is not bounded like this one.
         if not self._flushing:

@@ -29,12 +29,13 @@ from twisted.logger import Logger
 
 from mailguard import replies as R
 from mailguard.policy.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from mailguard.policy.rules import (Refusal, ehlo_keywords, help_commands, hops_refusal, mail_parameters,
-                                    mail_refusal, rcpt_parameters, vrfy_budgeted, vrfy_refusal)
+from mailguard.policy.rules import (Refusal, counts_as_error, ehlo_keywords, help_commands, hops_refusal,
+                                    mail_parameters, mail_refusal, rcpt_parameters, vrfy_budgeted, vrfy_refusal)
 from mailguard.policy.session import Session
 from mailguard.smtpd import events as E
 from mailguard.smtpd import framing as F
 from mailguard.smtpd import sessionlog
+from mailguard.smtpd.budget import JUNK_COMMAND_LIMIT, Budgets  # noqa: F401  (JUNK_COMMAND_LIMIT: as before)
 from mailguard.smtpd.events import AUTH, CLOSED, COMMAND, DATA
 from mailguard.smtpd.extensions import Extensions
 from mailguard.smtpd.hops import ReceivedCounter
@@ -46,16 +47,17 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-JUNK_COMMAND_LIMIT = 100  # NOOP/RSET/HELP/EXPN/ETRN before each counts as an error (Postfix smtpd_junk_command_limit)
+OUTPUT_BATCH_MAX = 16 * 1024  # replies held for a pipelined group, at most (then written: see flow.py)
 _COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT", "HELP", "EXPN", "VRFY", "MAIL",
                        "RCPT", "DATA", "STARTTLS", "AUTH", "ETRN"})
-_DATA_FAILURES = {F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG}
+_DATA_FAILURES = {F.MESSAGE_TOO_BIG: R.MESSAGE_TOO_BIG, F.NUL_CHARACTER: R.NUL_IN_DATA}
 _EMPTY = b""
 
 
-class ServerSession(Extensions):
+class ServerSession(Budgets, Extensions):
     """The server side of one SMTP session, from the greeting on: the
-    commands of RFC 5321 here, the service extensions' in L{Extensions}.
+    commands of RFC 5321 here, the service extensions' in L{Extensions},
+    the error budget and the per-address limits in L{Budgets}.
 
     @param facts: the session facts at the greeting.
     @param context: what every session shares (the configuration, the
@@ -68,9 +70,9 @@ class ServerSession(Extensions):
     """
 
     __slots__ = ("facts", "context", "mode", "transaction", "errors", "junk", "vrfy_asked", "auth_failures",
-                 "_token", "_buffer", "_events", "_out", "_pending", "_lines", "_data", "_data_failed",
-                 "_envelope", "_sasl", "_stopping", "sid", "commands", "refusals", "messages", "_verb",
-                 "_rcpt", "_detail", "_mech", "_auth_user", "_size", "_hops")
+                 "_token", "_buffer", "_pos", "_events", "_out", "_out_size", "_pending", "_lines", "_data",
+                 "_data_failed", "_envelope", "_sasl", "_stopping", "sid", "commands", "refusals", "messages",
+                 "_verb", "_rcpt", "_detail", "_mech", "_auth_user", "_size", "progress", "_rested", "_hops")
 
     def __init__(self, facts: Session, context: ServerContext,
                  token: Callable[[int], str] = secrets.token_hex, sid: str = "") -> None:
@@ -81,8 +83,10 @@ class ServerSession(Extensions):
         self.transaction: Transaction | None = None
         self._token = token
         self._buffer = _EMPTY
+        self._pos = 0  # where the unread input starts in _buffer
         self._events: list = []
         self._out: list[bytes] = []  # replies held while pipelined commands wait
+        self._out_size = 0
         self._pending: E.Request | None = None
         self._lines = F.CommandReader()
         self._data: F.DataReader | None = None
@@ -97,6 +101,8 @@ class ServerSession(Extensions):
         self.auth_failures = 0
         self.commands = self.refusals = self.messages = self._size = 0
         self._verb = self._rcpt = self._detail = self._mech = self._auth_user = None
+        self.progress = 0  # command lines, AUTH responses and messages read (the deadline's restarts)
+        self._rested = False  # the error sleep before the next command is done
 
     # -- the h11-style surface ----------------------------------------------------------
     def greet(self) -> None:
@@ -105,7 +111,7 @@ class ServerSession(Extensions):
 
     def receive_data(self, data: bytes) -> None:
         if self.mode is not CLOSED:
-            self._buffer += data
+            self._buffer, self._pos = self._buffer[self._pos:] + data, 0  # [0:] is no copy
 
     def next_event(self):
         """The next event, or a signal: L{E.PAUSED}, L{E.NEED_DATA}, L{E.CLOSED}."""
@@ -118,7 +124,7 @@ class ServerSession(Extensions):
             if self._stopping and self.mode is COMMAND:
                 self.close(R.SHUTTING_DOWN)  # the message in progress is answered: now go
                 continue
-            if not (self._buffer and self._step()):
+            if not (self._pos < len(self._buffer) and self._step()):
                 if not self._out:
                     return E.NEED_DATA
                 self._flush()  # the pipelined group is drained
@@ -132,7 +138,7 @@ class ServerSession(Extensions):
     @property
     def buffered(self) -> int:
         """Octets received and not yet read."""
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     @property
     def message_size(self) -> int:
@@ -147,7 +153,9 @@ class ServerSession(Extensions):
             return self._stored(request.envelope)  # logged even if closed meanwhile
         if self.mode is CLOSED:
             return
-        if kind is E.CheckRecipient:
+        if kind is E.Delay:
+            self._rested = True
+        elif kind is E.CheckRecipient:
             self._recipient_decided(request, value)
         elif kind is E.BeginMessage:
             self._data_begun(request.envelope)
@@ -187,7 +195,7 @@ class ServerSession(Extensions):
             return
         if cause is not None:
             self._verb = cause
-        self._buffer = _EMPTY
+        self._discard_input()
         self._send(reply)
         self.mode = CLOSED
         self._events.append(E.Close())
@@ -214,18 +222,29 @@ class ServerSession(Extensions):
 
     def connection_lost(self) -> None:
         self.mode = CLOSED
-        self._buffer = _EMPTY
+        self._discard_input()
+
+    def _discard_input(self) -> int:
+        """Forget the input not yet read; how many octets that was."""
+        n = len(self._buffer) - self._pos
+        self._buffer, self._pos = _EMPTY, 0
+        return n
 
     # -- output ---------------------------------------------------------------------------
     def _send(self, reply: R.Reply, extra: tuple[str, ...] = ()) -> None:
-        mode = self.mode
-        if mode is CLOSED:
+        if self.mode is CLOSED:
             return
         if reply.code >= 400:
             self._refused(reply)
-        data = reply.to_bytes(extra)
-        if mode is COMMAND and b"\n" in self._buffer:
+        self._write(reply.to_bytes(extra))
+
+    def _write(self, data: bytes) -> None:
+        mode = self.mode
+        if mode is CLOSED:
+            return
+        if mode is COMMAND and self._out_size < OUTPUT_BATCH_MAX and self._buffer.find(b"\n", self._pos) >= 0:
             self._out.append(data)  # more pipelined commands wait: answer them together
+            self._out_size += len(data)
         elif self._out:
             self._out.append(data)
             self._flush()
@@ -236,6 +255,7 @@ class ServerSession(Extensions):
         if self._out:
             self._events.append(E.Write(b"".join(self._out)))
             self._out = []
+            self._out_size = 0
 
     def _refused(self, reply: R.Reply) -> None:
         """Every 4xx/5xx sent: one log line and the counters."""
@@ -257,40 +277,25 @@ class ServerSession(Extensions):
         else:
             self._send(refusal.reply)
 
-    def _error(self, reply: R.Reply) -> None:
-        """A client error: answer it, and close after too many."""
-        if not self._count_error():
-            self._send(reply)
-
-    def _count_error(self) -> bool:
-        """One more client error; past ``SmtpMaxErrors`` the session is
-        closed (True)."""
-        self.errors += 1
-        if self.errors > self.context.config.max_errors:
-            self.close(R.TOO_MANY_ERRORS)
-            return True
-        return False
-
-    def _junk_command(self) -> bool:
-        """NOOP, RSET, HELP, EXPN, ETRN: free up to L{JUNK_COMMAND_LIMIT} per
-        session, then each counts as an error.  True if that closed it."""
-        self.junk += 1
-        return self.junk > JUNK_COMMAND_LIMIT and self._count_error()
-
     # -- input ----------------------------------------------------------------------------
     def _step(self) -> bool:
         """Read one command line, AUTH response or DATA event.  False:
         more input is needed."""
-        buf = self._buffer
         if self.mode is DATA:
+            buf = self._buffer[self._pos:] if self._pos else self._buffer
             event, self._buffer = self._data.read(buf)
+            self._pos = 0
             if event is None:
                 return False
             self._data_event(event)
             return True
-        line, self._buffer = self._lines.read(buf, self.mode is AUTH)
+        if self.errors and not self._rested and self._sleep():
+            return True
+        line, self._pos = self._lines.read_at(self._buffer, self._pos, self.mode is AUTH)
         if line is None:
             return False
+        self.progress += 1
+        self._rested = False
         if line is F.LINE_TOO_LONG:
             if self.mode is AUTH:  # RFC 4954 4: the exchange is cancelled
                 self.mode, self._sasl = COMMAND, None
@@ -338,9 +343,10 @@ class ServerSession(Extensions):
             verb = "EHLO" if esmtp else "HELO"
             return self._error(R.SYNTAX_ERROR.with_text(f"{verb} requires a domain"))
         self.transaction = None
-        self.facts = replace(self.facts, helo=arg.split()[0], esmtp=esmtp)
-        reply = R.HELO_OK.with_text(self.context.hostname)
-        self._send(reply, tuple(self.ehlo_extensions()) if esmtp else ())
+        helo, facts = arg.split()[0], self.facts
+        if facts.helo != helo or facts.esmtp is not esmtp:  # a repeated HELO changes nothing
+            self.facts = replace(facts, helo=helo, esmtp=esmtp)
+        self._write(R.hello_reply(self.context.hostname, tuple(self.ehlo_extensions()) if esmtp else ()))
 
     def ehlo_extensions(self) -> list[str]:
         ctx = self.context
@@ -393,6 +399,8 @@ class ServerSession(Extensions):
         refusal = mail_refusal(self.facts)
         if refusal is not None:
             return self._refuse(refusal)
+        if self._message_limited():
+            return
         try:
             sender, params = parse_mail_from(arg)
         except AddressError as e:
@@ -400,6 +408,8 @@ class ServerSession(Extensions):
         config = self.context.config
         refusal = mail_parameters(params, max_size=config.max_message_size,
                                   dsn=check_mail_parameter if self.context.dsn else None)
+        if refusal is None and self.facts.authenticated:
+            refusal = self._sender_login_refusal(sender)
         if refusal is not None:
             return self._refuse(refusal)
         self.transaction = Transaction(sender.address if sender is not None else "", params)
@@ -419,7 +429,7 @@ class ServerSession(Extensions):
         if refusal is not None:
             return self._refuse(refusal)
         if len(transaction.recipients) >= self.context.config.max_recipients:
-            return self._send(R.TOO_MANY_RECIPIENTS)
+            return self._too_many_recipients(transaction)
         transaction.attempts += 1
         self._request(E.CheckRecipient(self.facts, mailbox, params))
 
@@ -429,6 +439,8 @@ class ServerSession(Extensions):
                 self.transaction.recipients.append((verdict, request.params))
         else:
             self._detail = verdict.reason
+            if counts_as_error(verdict.reply):  # harvesting: unknown users, relay attempts
+                return self._error(verdict.reply)
         self._send(verdict.reply)
 
     def smtp_DATA(self, arg: str) -> None:
@@ -458,6 +470,7 @@ class ServerSession(Extensions):
                 return
             return self._events.append(E.WriteMessage(event))
         if event is F.END_OF_DATA:
+            self.progress += 1
             return self._data_end()
         if event is F.BARE_LINE_ENDING:
             # SMTP smuggling defence (Postfix smtpd_forbid_bare_newline): a
@@ -511,4 +524,5 @@ class ServerSession(Extensions):
         sessionlog.accepted(self.sid, self.facts, queued, envelope, size)
         # The store has handed relayed recipients to the queue, which tries
         # them at once (no kick: that would end every entry's back-off too).
+        self.errors = self.junk = 0  # as Postfix: the limits count errors "without delivering mail"
         self._send(R.MESSAGE_ACCEPTED.with_text(f"Ok: queued as {queued}"))

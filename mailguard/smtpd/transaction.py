@@ -36,13 +36,14 @@ _PATH = re.compile(rf"(?:{_ATOMS}|{_QUOTED})@(?:{_LABEL}(?:\.{_LABEL})*|\[[A-Za-
 class Transaction:
     """From MAIL to the end of DATA (or RSET, HELO, STARTTLS)."""
 
-    __slots__ = ("mail_from", "params", "recipients", "attempts")
+    __slots__ = ("mail_from", "params", "recipients", "attempts", "overshoot")
 
     def __init__(self, mail_from: str, params: dict) -> None:
         self.mail_from = mail_from
         self.params = params
         self.recipients: list = []  # (RecipientVerdict, RCPT parameters) of each accepted RCPT
         self.attempts = 0  # RCPT commands checked, accepted or not (RFC 2920 3.1)
+        self.overshoot = 0  # RCPT commands refused past SmtpMaxRecipients
 
 
 def envelope_of(transaction: Transaction, facts: Session) -> Envelope:

@@ -27,6 +27,7 @@ from twisted.mail import smtp
 from twisted.protocols import basic
 
 from mailguard.logs import emit
+from mailguard.policy.addresses import command_injection
 from mailguard.store.entries import Outcome, QueueEntry
 from mailguard.store.envelope import queue_id
 from mailguard.store.folding import LINE_LIMIT, LineFolder
@@ -194,6 +195,11 @@ class _RelayClientFactory(protocol.ClientFactory):
         return p
 
 
+# The reply recorded for a command never sent because it would have broken
+# the line (L{command_injection}): permanent, as the address is.
+_NOT_SENT = b"5.5.4 Not sent: CR, LF or NUL in the command's argument"
+
+
 def skip_return_path(f) -> None:
     """Position C{f} after a leading ``Return-Path:`` line: it records final
     delivery here and must not travel to the next hop (RFC 5321 4.4)."""
@@ -324,7 +330,11 @@ class RelayClient(smtp.ESMTPClient):
         self._rcpts = iter(entry.pending())
         self._accepted = 0
         self._last_rcpt = None
-        self._send_command(f"MAIL FROM:<{entry.sender}>", params, self._mail_reply)
+        line = " ".join([f"MAIL FROM:<{entry.sender}>", *params])
+        if command_injection(line):
+            log.warn("queue entry {id}: not sent: CR, LF or NUL in the sender or its parameters", id=entry.id)
+            return self._mail_reply(501, _NOT_SENT)
+        self._send_command(line, [], self._mail_reply)
 
     def _send_command(self, command: str, params, handler) -> None:
         line = " ".join([command, *params])
@@ -347,22 +357,28 @@ class RelayClient(smtp.ESMTPClient):
         self._next_rcpt()
 
     def _next_rcpt(self) -> None:
-        r = next(self._rcpts, None)
-        if r is None:
-            if self._accepted:
-                self._send_command("DATA", [], self._data_reply)
-            else:
-                self._entry_done()
-                self._reset()
-            return
-        self._last_rcpt = r
-        params = []
-        if self.outcome.dsn:
-            if r.notify is not None:
-                params.append("NOTIFY=" + (",".join(r.notify) if r.notify else "NEVER"))
-            if r.orcpt:
-                params.append(f"ORCPT={r.orcpt}")
-        self._send_command(f"RCPT TO:<{r.address}>", params, self._rcpt_reply)
+        while True:
+            r = next(self._rcpts, None)
+            if r is None:
+                if self._accepted:
+                    self._send_command("DATA", [], self._data_reply)
+                else:
+                    self._entry_done()
+                    self._reset()
+                return
+            self._last_rcpt = r
+            params = []
+            if self.outcome.dsn:
+                if r.notify is not None:
+                    params.append("NOTIFY=" + (",".join(r.notify) if r.notify else "NEVER"))
+                if r.orcpt:
+                    params.append(f"ORCPT={r.orcpt}")
+            line = " ".join([f"RCPT TO:<{r.address}>", *params])
+            if not command_injection(line):
+                return self._send_command(line, [], self._rcpt_reply)
+            log.warn("queue entry {id}: a recipient not sent: CR, LF or NUL in it or its parameters",
+                     id=self.entry.id)
+            self.outcome.rcpts[r.address] = (501, _NOT_SENT.decode())
 
     def _rcpt_reply(self, code, resp):
         self.outcome.rcpts[self._last_rcpt.address] = (code, self._text(resp))

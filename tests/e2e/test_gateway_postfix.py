@@ -107,6 +107,11 @@ def test_the_backend_sees_the_gateway_at_one_address(backend, gateway):
     assert re.search(rb"Received: from gw\.example\.com \(unknown \[127\.0\.0\.2\]\)\n\tby backend", message), message
     assert b"Received: from client.test ([127.0.0.3])\n\tby gw.example.com with ESMTP" in message
     assert message.endswith(b"Hello from outside.\n" + b"L" * 998 + b"\n " + b"L" * 202 + b"\n")
+    # Postfix logs (through postlogd) after it delivers: poll for the
+    # delivery's log line before reading the log.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "status=sent (delivered to maildir)" not in backend.log()[since:]:
+        time.sleep(0.1)
     log = backend.log()[since:]
     clients = re.findall(r"postfix/smtpd\[\d+\]: connect from [^\[\s]*\[([^\]]+)\]", log)
     assert len(clients) >= 2, log  # the recipient probes and the relay queue's delivery

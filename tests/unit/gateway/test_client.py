@@ -233,3 +233,15 @@ def test_client_classifies_rcpt_replies(clock, reply, outcome):
     d = client.verify("john@example.com")
     client.dataReceived(b"250 OK\r\n" + reply + b"\r\n")
     assert result_of(d).outcome is outcome
+
+
+@pytest.mark.parametrize("address", ["a\r\nRCPT TO:<x@evil.test>@example.com", "a\nb@example.com",
+                                     "a\x00b@example.com", "a\rb@example.com"])
+def test_an_address_that_would_break_the_line_is_never_sent(clock, address):
+    """Defence in depth: the SMTP parser never lets such an address through;
+    if one came, the back-end is not asked and nothing is written."""
+    client, tr = ready_client(clock)
+    failure = result_of(client.verify(address))
+    assert isinstance(failure, Failure) and failure.check(BackendUnavailable)
+    assert tr.value() == b""
+    assert client.usable  # the connection stays good for the next question

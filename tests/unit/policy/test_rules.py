@@ -10,6 +10,7 @@ from mailguard.policy.rules import (
     Refusal,
     auth_mechanisms,
     connection_limit_exempt,
+    counts_as_error,
     ehlo_keywords,
     etrn_refusal,
     help_commands,
@@ -17,10 +18,13 @@ from mailguard.policy.rules import (
     mail_parameters,
     mail_refusal,
     rcpt_parameters,
+    sender_login_refusal,
     vrfy_budgeted,
     vrfy_refusal,
 )
+from mailguard.policy.directory import Lookup, LookupStatus
 from mailguard.policy.session import Session
+from mailguard.testing import FakeUserDirectory
 from mailguard.store.dsn import check_mail_parameter, check_rcpt_parameter
 
 SIZE_TEXT = "SIZE requires a number"
@@ -223,3 +227,72 @@ def test_ehlo_keywords_only_where_they_work(session, offer, expected):
 def test_help_lists_what_works_now(session, offer, extra):
     base = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP"]
     assert help_commands(session, **offer) == base + extra
+
+
+# --- refused recipients count as errors ---------------------------------------------------
+
+
+@pytest.mark.parametrize("reply, counts", [
+    (replies.UNKNOWN_USER, True),
+    (replies.DISABLED_USER, True),
+    (replies.RELAY_DENIED, True),
+    (replies.RECIPIENT_TRY_LATER, False),  # a gateway back-end's "try later": not the client's doing
+    (replies.BACKEND_NO_ANSWER, False),
+    (replies.RECIPIENT_OK, False),
+])
+def test_which_refused_recipients_count_as_errors(reply, counts):
+    assert counts_as_error(reply) is counts
+
+
+# --- sender must match login ----------------------------------------------------------------
+
+_DIRECTORY = FakeUserDirectory(
+    {
+        "alice@example.com": "known",
+        "bob@example.com": "known",
+        "old@example.com": "disabled",
+        # alice's extra name (a user's Aliases): the lookup answers with her address
+        "a.smith@example.com": Lookup(LookupStatus.KNOWN, "alice@example.com", ("alice@example.com",)),
+        # an Alias record delivering to both (a shared address)
+        "sales@example.com": Lookup(LookupStatus.KNOWN, "sales@example.com",
+                                    ("alice@example.com", "bob@example.com")),
+        # an Alias record that only forwards elsewhere
+        "fwd@example.com": Lookup(LookupStatus.KNOWN, "fwd@example.com", (), ("x@elsewhere.test",)),
+    },
+    domains=["example.com"],
+    domain_aliases={"example.net": "example.com"},
+)
+ALICE = Session("192.0.2.9", 1, "submission", tls=True, authenticated="alice@example.com", helo="c")
+
+
+@pytest.mark.parametrize("sender, refused", [
+    ("alice@example.com", False),
+    ("ALICE@Example.COM", False),
+    ("alice@example.net", False),  # an alias domain
+    ("a.smith@example.com", False),  # her own alias name
+    ("a.smith@example.net", False),
+    ("sales@example.com", False),  # an alias that delivers to her
+    (None, False),  # the null sender: bounces
+    ("bob@example.com", True),  # another user
+    ("old@example.com", True),  # a disabled account
+    ("fwd@example.com", True),  # an alias that does not deliver to her
+    ("nobody@example.com", True),  # unknown
+    ("alice@elsewhere.test", True),  # not a local address at all
+    ('"bob"@example.com', True),
+])
+def test_an_authenticated_user_sends_only_as_themselves(sender, refused):
+    refusal = sender_login_refusal(ALICE, sender, enabled=True, directory=_DIRECTORY, trust=_Trust())
+    assert (refusal is not None) is refused
+    if refused:
+        assert refusal == Refusal(replies.SENDER_NOT_OWNED)
+        assert (refusal.reply.code, refusal.reply.status) == (553, "5.7.1")
+
+
+@pytest.mark.parametrize("session, enabled, trust", [
+    (ALICE, False, _Trust()),  # SmtpSenderLoginMatch=0
+    (ALICE, True, _Trust("192.0.2.9")),  # trusted by its address (the relay IP group)
+    (Session("192.0.2.9", 1, "smtp", helo="c"), True, _Trust()),  # not authenticated
+])
+def test_sender_login_is_not_checked(session, enabled, trust):
+    assert sender_login_refusal(session, "bob@example.com", enabled=enabled, directory=_DIRECTORY,
+                                trust=trust) is None

@@ -7,10 +7,11 @@ import calendar
 import errno
 import os
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 
-from mailguard.smtpd.seclog import SecurityLog, format_line
+from mailguard.smtpd.seclog import SecurityLog, format_fields, format_line, format_note
 from mailguard.testing import LogCapture
 
 
@@ -254,3 +255,33 @@ def test_creates_the_directory(tmp_path):
     slog.record("gave-up", "192.0.2.1", 1, 1.0)
     clock.advance(0)
     assert len(read(path)) == 1
+
+
+# --- lines with fields (the abuse budgets) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, text", [
+    ({"mechanism": "PLAIN", "user": "alice@example.com"}, "mechanism=PLAIN\tuser=alice@example.com"),
+    ({"limit": "30/min"}, "limit=30/min"),
+    ({"failures": 20, "window": "600"}, "failures=20\twindow=600"),
+    ({"user": ""}, 'user=""'),
+    ({"user": "a b"}, 'user="a b"'),
+    ({"user": "x\t127.0.0.9\r\nforged"}, 'user="x\\t127.0.0.9\\r\\nforged"'),
+    ({"user": "caf\u00e9\u202e"}, 'user="caf\\u00e9\\u202e"'),
+    ({"user": "\x00"}, 'user="\\u0000"'),
+])
+def test_fields_are_escaped_so_a_value_cannot_forge_a_line(fields, text):
+    assert format_fields(fields) == text
+    line = format_note(0, "auth-failed", "192.0.2.1", 25, fields)
+    assert line.count("\n") == 1 and line.count("\t") == 3 + len(fields)
+    assert all(c.isprintable() or c in "\t\n" for c in line)
+
+
+def test_a_note_line(tmp_path):
+    clock = Clock()
+    clock.advance(1796592968)
+    slog = SecurityLog(str(tmp_path / "s.log"), clock, threaded=False)
+    slog.note("auth-failed", "192.0.2.1", 2525, mechanism="LOGIN", user="bob")
+    clock.advance(0)
+    assert (tmp_path / "s.log").read_text() == (
+        "2026-12-06T21:36:08Z\tauth-failed\t192.0.2.1\t2525\tmechanism=LOGIN\tuser=bob\n")

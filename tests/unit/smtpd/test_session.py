@@ -232,7 +232,8 @@ def test_auth_asks_for_credentials_then_slows_down(ctx):
     evs = events(m, b"EHLO c\r\nAUTH PLAIN " + b64("\0john\0nope").encode() + b"\r\nNOOP\r\n")
     assert evs[-2:] == [E.CheckCredentials(PlainCredentials("john", "nope")), E.PAUSED]
     m.answer(None)
-    assert events(m) == [E.AuthFailureDelay(1.0), E.PAUSED]
+    assert events(m) == [E.SecurityEvent("auth-failed", {"mechanism": "PLAIN", "user": "john"}),
+                         E.AuthFailureDelay(1.0), E.PAUSED]
     m.answer(None)
     assert codes(written(events(m))) == ["250 HELP", "535 5.7.8", "250 2.0.0"]
     assert m.auth_failures == 1

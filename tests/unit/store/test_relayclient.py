@@ -151,3 +151,34 @@ def test_the_relay_connection_leaves_from_the_bind_address(bind, expected):
     reactor.advance(0)
     [(host, port, _, timeout, source)] = reactor.tcpClients
     assert (host, port, timeout, source) == ("127.0.0.1", 2525, 30, expected)
+
+
+# --- command injection: defence in depth -----------------------------------------------------
+#
+# The configuration (FILE:LINE errors) and the SMTP parser keep CR, LF and
+# NUL out of addresses; these entries are made past both, straight into the
+# store, as a hostile configuration value once reached the wire.
+
+INJECTED = "\r\nRCPT TO:<injected@evil.test>"
+
+
+def test_relay_recipient_with_crlf_is_never_sent(world):
+    world.accept(relay=("x@remote.test", "y@remote.test>" + INJECTED))
+    world.run()
+    assert not any("injected" in c for c in world.net.commands)
+    [tx] = world.net.messages  # the other recipient is delivered
+    assert tx.rcpts == ["RCPT TO:<x@remote.test>"]
+    [bounce] = world.maildir("john@example.com")  # the hostile one fails for good
+    _, _, _, rcpts = parse_report(bounce.read_bytes())
+    assert [r["Status"] for r in rcpts] == ["5.5.4"]
+    assert world.active() == []
+
+
+def test_relay_sender_with_nul_or_crlf_is_never_sent(world):
+    world.accept(sender="a\x00b@example.com")
+    world.accept(sender="john@example.com>" + INJECTED)
+    world.run(3600)
+    assert not any("injected" in c or "\x00" in c for c in world.net.commands)
+    # Neither was sent; only a bounce was tried (to the hostile sender: refused the same way).
+    assert all(c.startswith("MAIL FROM:<>") for c in world.net.verbs("MAIL"))
+    assert world.net.messages == [] and world.active() == []
