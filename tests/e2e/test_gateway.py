@@ -14,12 +14,11 @@ from __future__ import annotations
 import os
 import smtplib
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TWISTD, Twistd, free_port, write_config
+from tests.conftest import ROOT, TWISTD, Twistd, eventually, free_port, write_config
 
 CLIENT = ("127.0.0.3", 0)
 
@@ -79,15 +78,6 @@ def rcpts(port: int, addresses: list[str]) -> dict[str, tuple[int, str]]:
 
 def rcpt(port: int, address: str) -> tuple[int, str]:
     return rcpts(port, [address])[address]
-
-
-def eventually(fn, timeout: float = 15.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def test_gateway_refuses_unknown_recipients_at_rcpt(servers, tmp_path):

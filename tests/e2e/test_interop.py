@@ -14,13 +14,12 @@ import shutil
 import smtplib
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.certs import make_certs
-from tests.conftest import Twistd, free_port, wait_for_port
+from tests.conftest import Twistd, eventually, free_port, wait_for_port
 from tests.helpers_context import CRAM_MD5, write_config
 
 CLIENT_IP = "127.0.0.3"
@@ -97,15 +96,6 @@ def replies(transcript: str) -> list[str]:
     """The server's reply lines in a swaks transcript, whatever swaks marks
     them with ("<-" plain, "<~" inside TLS, "*" for an error)."""
     return re.findall(r"^<[-~*]{1,2}\*?\s+(\d{3}[ -].*)$", transcript, re.M)
-
-
-def eventually(fn, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
 
 
 def assert_no_secrets(server: Twistd) -> None:
