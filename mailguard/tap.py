@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 
 from twisted.logger import Logger
@@ -237,15 +238,29 @@ def start(options: Options, reactor):
 def _spool_not_in_use(spool: str) -> None:
     """Opening the store clears what a crash left in SPOOL/incoming: on the
     spool of a running mailguard, that would be the messages it is
-    receiving.  Its control socket's lock says whether one runs."""
-    lock = control_path(spool) + ".lock"
+    receiving.  Its control socket's lock says whether one runs.
+
+    A mailguard killed with -9 leaves its lock and its socket behind.
+    Taking the lock here breaks the stale lock, so the control socket's
+    own port would then find a clean lock and not remove the stale socket
+    (and fail with "address already in use"): the stale socket is removed
+    here, while the lock is held."""
+    path = control_path(spool)
+    lock = lockfile.FilesystemLock(path + ".lock")
     try:
-        held = os.path.lexists(lock) and lockfile.isLocked(lock)
+        acquired = lock.lock()
     except OSError:
-        held = False  # cannot tell; binding the control socket will
-    if held:
-        raise StartupError(f"--spool {spool}: another mailguard is running on this spool (it holds {lock}); "
-                           "stop it, or choose another --spool")
+        return  # cannot tell; binding the control socket will
+    if not acquired:
+        raise StartupError(f"--spool {spool}: another mailguard is running on this spool "
+                           f"(it holds {path}.lock); stop it, or choose another --spool")
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.remove(path)
+    except OSError:
+        pass  # no socket left behind
+    finally:
+        lock.unlock()
 
 
 def _log_configuration(options: Options) -> None:

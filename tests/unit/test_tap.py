@@ -383,3 +383,46 @@ def test_make_service_reloads_with_the_start_up_rules_and_installs_the_signals(t
     result = top.reload().result
     assert not result.ok
     assert any("RelayControlOpenRelayIntended" in p.message for p in result.problems if p.is_error)
+
+
+def test_a_spool_left_by_kill_9_can_be_started_again(tmp_path):
+    """kill -9 leaves the control socket and its lock (naming a dead pid)
+    behind.  The check for a running mailguard must leave the way clear
+    for the control socket's port, which removes a stale socket only when
+    it breaks a stale lock itself."""
+    import socket
+    import subprocess
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import UNIXServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    from mailguard.store.control import control_path
+    from mailguard.tap import _spool_not_in_use
+
+    path = control_path(str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    os.symlink(str(dead.pid), path + ".lock")  # the lock of a process that is gone
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)  # and its socket, never unlinked
+    stale.close()
+    _spool_not_in_use(str(tmp_path))
+    assert not os.path.lexists(path)
+    endpoint = UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
+    d = endpoint.listen(Factory.forProtocol(Protocol))
+    port = []
+    d.addBoth(port.append)
+    assert not isinstance(port[0], Exception) and hasattr(port[0], "stopListening"), port[0]
+    port[0].stopListening()
+
+
+def test_a_running_mailguard_keeps_its_spool(tmp_path):
+    from mailguard.store.control import control_path
+    from mailguard.tap import StartupError, _spool_not_in_use
+
+    path = control_path(str(tmp_path))
+    os.symlink(str(os.getpid()), path + ".lock")  # held by a live process
+    with pytest.raises(StartupError, match="another mailguard is running on this spool"):
+        _spool_not_in_use(str(tmp_path))
+    assert os.path.lexists(path + ".lock")
