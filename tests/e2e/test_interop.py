@@ -57,6 +57,14 @@ def cram_servers(tmp_path):
 
 def start_servers(tmp_path, variables=None):
     started: list[Twistd] = []
+    try:
+        yield _start_servers(tmp_path, variables, started)
+    finally:  # also when the front server fails to start: no process left behind
+        for s in started:
+            s.stop()
+
+
+def _start_servers(tmp_path, variables, started: list[Twistd]) -> Twistd:
     back_dir = tmp_path / "backend"
     back_dir.mkdir()
     back_port = free_port()
@@ -78,9 +86,7 @@ def start_servers(tmp_path, variables=None):
     wait_for_port("127.0.0.1", smtps, front.proc)
     wait_for_port("127.0.0.1", submission, front.proc)
     front.smtps, front.submission, front.certs, front.backend = smtps, submission, certs, backend
-    yield front
-    for s in started:
-        s.stop()
+    return front
 
 
 def swaks(*args: str, port: int) -> subprocess.CompletedProcess:
