@@ -85,7 +85,7 @@ class Backend:
             out.append((meta, eml.read_bytes()))
         return out
 
-    def wait(self, n: int, timeout: float = 20.0) -> list[tuple[dict, bytes]]:
+    def wait(self, n: int, timeout: float = 60.0) -> list[tuple[dict, bytes]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             got = self.messages()
