@@ -62,6 +62,23 @@ def _split_names(values) -> list[str]:
 # --- building -------------------------------------------------------------
 
 
+def _place(record: UserRecord | AliasRecord, kind: str, primary_of: dict[str, str],
+           problems: list[Problem]) -> tuple[str, str, str] | None:
+    """A user's or alias's local part, domain and primary domain; None
+    (with the problem recorded) for an empty name or a non-local domain."""
+    name = unquote_local(record.name.strip())
+    domain = normalise_domain(record.domain.strip())
+    if not name:
+        problems.append(Problem(record.where, f"{kind} with an empty name in domain {domain}"))
+        return None
+    primary = primary_of.get(domain)
+    if primary is None:
+        problems.append(Problem(record.where,
+                                f"{kind} {name}@{domain}: domain {domain or '(empty)'} is not a local domain"))
+        return None
+    return name, domain, primary
+
+
 class _Alias:
     """Build-time state of one alias address (records merged by name)."""
 
@@ -141,21 +158,11 @@ def build(
     wheres: list[Where] = []  # parallel to accounts, dropped at the end
     disabled: set[str] = set()
     for record in users:
-        name = unquote_local(record.name.strip())
-        domain = normalise_domain(record.domain.strip())
+        placed = _place(record, "user", primary_of, problems)
+        if placed is None:
+            continue
+        name, domain, primary = placed
         shown = f"{name}@{domain}"
-        primary = primary_of.get(domain)
-        if not name:
-            problems.append(Problem(record.where, f"user with an empty name in domain {domain}"))
-            continue
-        if primary is None:
-            problems.append(
-                Problem(
-                    record.where,
-                    f"user {shown}: domain {domain or '(empty)'} is not a local domain",
-                )
-            )
-            continue
         canonical = f"{name.lower()}@{primary}"
         first = entries.get(canonical)
         if first is not None and first != canonical:
@@ -235,20 +242,10 @@ def build(
     nodes: dict[str, _Alias] = {}
     wildcards: dict[str, list[tuple[object, str]]] = {}  # primary -> (match, key)
     for record in aliases:
-        name = unquote_local(record.name.strip())
-        domain = normalise_domain(record.domain.strip())
-        primary = primary_of.get(domain)
-        if not name:
-            problems.append(Problem(record.where, f"alias with an empty name in domain {domain}"))
+        placed = _place(record, "alias", primary_of, problems)
+        if placed is None:
             continue
-        if primary is None:
-            problems.append(
-                Problem(
-                    record.where,
-                    f"alias {name}@{domain}: domain {domain or '(empty)'} is not a local domain",
-                )
-            )
-            continue
+        name, domain, primary = placed
         key = f"{name.lower()}@{primary}"
         node = nodes.get(key)
         if node is None:
